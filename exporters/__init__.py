@@ -1,0 +1,1 @@
+"""Bringing models into ONNX (Hugging Face through optimum)."""

@@ -1,0 +1,8 @@
+"""onnxprune: prune neural networks as ONNX graphs."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("onnxprune")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"

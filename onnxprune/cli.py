@@ -1,0 +1,154 @@
+"""The `onnxprune` command line. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onnxprune import __version__
+from onnxprune.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Prune neural networks as ONNX graphs.")
+stdout = Console(width=None if sys.stdout.isatty() else 160)  # pipes and CI logs get wide tables
+
+
+@app.command()
+def apply(
+    model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
+    method: str = typer.Option("magnitude", "--method", "-m", help="Pruning method; `onnxprune methods` lists them."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights to zero, in [0, 1)."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="'unstructured' (default) or N:M, e.g. 2:4 = 2 zeros in every 4 along K."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx (default: beside the input)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here (and a .md twin)."),
+    include: Optional[str] = typer.Option(None, "--include", help="Regex on initializer or node names: prune exactly the matching layers."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex on initializer or node names: leave these layers dense."),
+    skip_incompatible: bool = typer.Option(False, "--skip-incompatible", help="Leave layers whose K is not divisible by M dense instead of failing."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random methods."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights beside the model (default: when the input does or the model is large)."),
+) -> None:
+    """Prune MODEL's weights and write a new ONNX model."""
+    from onnxprune.patterns import parse_pattern
+    from onnxprune.pipeline import PruneOptions
+    from onnxprune.pipeline import apply as run_apply
+    from onnxprune.report import write_report
+
+    spec = parse_pattern(pattern, sparsity)
+    output = output or _default_output(model, method, spec.label, spec.sparsity)
+    result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed, external_data))
+    if report:
+        write_report(result, report)
+    totals = result.totals
+    stdout.print(f"pruned {totals['targets']} weights with {result.method} ({result.pattern}, sparsity "
+                 f"{result.sparsity:g}): {totals['zeros']:,} of {totals['params']:,} are zero "
+                 f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
+    stdout.print(f"wrote {result.output}" + (f" and {report}" if report else "")
+                 + f" in {result.timings_s['total']:.2f} s")
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="ONNX model."),
+    patterns: str = typer.Option("2:4,4:8", "--patterns", help="N:M patterns to check validity for, comma-separated."),
+    include: Optional[str] = typer.Option(None, "--include", help="Regex: what apply --include would select."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: what apply --exclude would leave out."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List MODEL's prunable weights: shape, block, sparsity, N:M validity, and totals."""
+    from onnxprune.inspection import inspect_model
+    from onnxprune.patterns import parse_pattern
+
+    nm = [parse_pattern(p, None) for p in patterns.split(",") if p.strip()]
+    info = inspect_model(model, [(p.n, p.m) for p in nm], include, exclude)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=info["model"])
+    for column in ["target", "op", "shape", "block", "selected", "sparsity", *info["targets"][0]["nm_valid"]] if info["targets"] else []:
+        table.add_column(column, overflow="fold")
+    for row in info["targets"]:
+        table.add_row(row["node"], row["op"], "×".join(map(str, row["shape"])), row["block"] or "-",
+                      "yes" if row["selected"] else f"no: {row['note']}", f"{row['sparsity']:.4f}",
+                      *("yes" if ok else "no" for ok in row["nm_valid"].values()))
+    stdout.print(table)
+    totals = info["totals"]
+    stdout.print(f"{totals['candidates']} prunable weights in {totals['blocks']} blocks, {totals['params']:,} parameters; "
+                 f"{totals['selected']} selected by default ({totals['selected_params']:,} parameters); "
+                 f"current sparsity {totals['sparsity']:.2%}")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Hugging Face hub id or local model directory."),
+    out_dir: Path = typer.Argument(..., help="Directory for model.onnx, config and tokenizer."),
+    task: str = typer.Option("auto", "--task", help="optimum task (text-generation, feature-extraction, ...)."),
+    with_past: bool = typer.Option(False, "--with-past", help="Export a KV-cache decoder (not usable for calibration)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: optimum's choice)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    validate: bool = typer.Option(False, "--validate", help="Compare ONNX outputs with PyTorch after export."),
+) -> None:
+    """Export a Hugging Face model to ONNX through optimum (works offline from a local directory)."""
+    from onnxprune.exporters.hf import export_hf
+    from onnxprune.model_io import load_model
+    from onnxprune.targets import discover_targets, select_targets
+
+    path = export_hf(model, out_dir, task, with_past, opset, dtype, validate)
+    targets = discover_targets(load_model(path))
+    stdout.print(f"wrote {path}: {len(targets)} prunable weights, {len(select_targets(targets))} selected by default")
+
+
+@app.command()
+def methods() -> None:
+    """List the pruning methods."""
+    from onnxprune.passes import available
+
+    for name, cls in available().items():
+        needs = f" (needs {', '.join(sorted(cls.needs))})" if cls.needs else ""
+        stdout.print(f"{name:20s} {cls.summary}{needs}")
+
+
+@app.command()
+def version() -> None:
+    """Print onnxprune's version."""
+    stdout.print(__version__)
+
+
+def _default_output(model: Path, method: str, pattern: str, sparsity: float) -> Path:
+    from onnxprune.model_io import resolve_model_path
+
+    source = resolve_model_path(model)
+    tag = pattern.replace(":", "of") if ":" in pattern else f"s{sparsity:g}"
+    return source.with_name(f"{source.stem}.{method}-{tag}.onnx")
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+    except UserError as exc:
+        _fail(str(exc), 2)
+    except click.UsageError as exc:
+        _fail(exc.format_message().splitlines()[0], 2)
+    except click.ClickException as exc:
+        _fail(exc.format_message().splitlines()[0], exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except Exception as exc:
+        if os.environ.get("ONNXPRUNE_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(f"internal error: {type(exc).__name__}: {message} (rerun with ONNXPRUNE_DEBUG=1 for a traceback)", 1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,51 @@
+"""`inspect`: what a model offers for pruning, target by target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onnxprune.model_io import load_model, resolve_model_path
+from onnxprune.patterns import nm_valid, sparsity_of
+from onnxprune.targets import discover_targets, select_targets
+
+
+def inspect_model(path: str | Path, nm_patterns: list[tuple[int, int]], include: str | None = None,
+                  exclude: str | None = None) -> dict:
+    model = load_model(path)
+    targets = discover_targets(model)
+    selected = {id(t) for t in select_targets(targets, include, exclude)}
+    rows = []
+    for target in targets:
+        weight = target.read()
+        rows.append({
+            "name": target.name,
+            "node": target.node_name,
+            "op": target.op + ("" if not target.via else f" (via {'+'.join(target.via)})"),
+            "shape": list(target.layout.stored_shape),
+            "out": target.layout.out_features,
+            "k": target.layout.in_features,
+            "block": target.block,
+            "has_bias": target.bias is not None,
+            "selected": id(target) in selected,
+            "note": target.skip_reason or ("" if id(target) in selected else target.default_reason or "not matched"),
+            "params": int(weight.size),
+            "zeros": int((weight == 0).sum()),
+            "sparsity": sparsity_of(weight),
+            "nm_valid": {f"{n}:{m}": nm_valid(weight, n, m) for n, m in nm_patterns},
+        })
+    chosen = [r for r in rows if r["selected"]]
+    params = sum(r["params"] for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    return {
+        "model": str(resolve_model_path(path)),
+        "targets": rows,
+        "totals": {
+            "candidates": len(rows),
+            "selected": len(chosen),
+            "params": params,
+            "selected_params": sum(r["params"] for r in chosen),
+            "zeros": zeros,
+            "sparsity": zeros / params if params else 0.0,
+            "blocks": len({r["block"] for r in rows if r["block"] is not None}),
+        },
+    }

@@ -1,0 +1,178 @@
+"""`apply`: load → discover → select → prune → save, timing every stage."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune import __version__
+from onnxprune.errors import UserError
+from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
+from onnxprune.passes import Layer, PruningPass, get_pass
+from onnxprune.patterns import Pattern, nm_valid, sparsity_of
+from onnxprune.progress import progress_bar
+from onnxprune.targets import Target, discover_targets, select_targets
+
+
+@dataclass
+class PruneOptions:
+    method: str
+    pattern: Pattern
+    include: str | None = None
+    exclude: str | None = None
+    skip_incompatible: bool = False
+    seed: int = 0
+    external_data: bool | None = None
+
+
+@dataclass
+class TargetRecord:
+    name: str
+    node: str
+    op: str
+    shape: list[int]
+    block: str | None
+    params: int
+    zeros: int
+    sparsity: float
+    nm_valid: bool | None
+    bias_changed: bool = False
+
+
+@dataclass
+class Report:
+    onnxprune_version: str
+    input: str
+    output: str
+    method: str
+    pattern: str
+    sparsity: float
+    seed: int
+    targets: list[TargetRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> dict:
+        params = sum(t.params for t in self.targets)
+        zeros = sum(t.zeros for t in self.targets)
+        return {"targets": len(self.targets), "params": params, "zeros": zeros,
+                "sparsity": zeros / params if params else 0.0}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "totals": self.totals}
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 6)
+
+
+def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
+    """Prune the model at `model_path` into `output_path`; the input file is never modified."""
+    method = get_pass(options.method)
+    if method.needs:
+        raise UserError(f"method {method.name!r} needs calibration statistics ({', '.join(sorted(method.needs))}), "
+                        "which this version cannot gather yet")
+    output = check_output_path(model_path, output_path)
+    timer = StageTimer()
+    with timer.stage("load"):
+        model = load_model(model_path)
+    with timer.stage("discover"):
+        targets = discover_targets(model)
+        selected = select_targets(targets, options.include, options.exclude)
+        if not selected:
+            raise UserError(_nothing_selected_message(model_path, targets))
+        selected, skipped = split_nm_incompatible(selected, options.pattern, options.skip_incompatible)
+    report = Report(__version__, str(resolve_model_path(model_path)), str(output), method.name,
+                    options.pattern.label, options.pattern.sparsity, options.seed, skipped=skipped)
+    with timer.stage("prune"):
+        report.targets = prune_targets(selected, method, options.pattern, options.seed)
+    stamp_provenance(model, report)
+    with timer.stage("save"):
+        save_model(model, output, options.external_data)
+    report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}
+    return report
+
+
+def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -> tuple[list[Target], list[dict]]:
+    """N:M needs the grouped axis divisible by M: an error naming the layer, or a skip if asked."""
+    if not pattern.is_nm:
+        return targets, []
+    kept, skipped = [], []
+    for target in targets:
+        extent = target.layout.nm_group_extent
+        if extent % pattern.m == 0:
+            kept.append(target)
+            continue
+        axis = "input channels" if target.layout.kind == "conv" else "K"
+        reason = f"{axis}={extent} is not divisible by M={pattern.m}"
+        if not skip:
+            raise UserError(f"{target.node_name}: {reason}; pass --skip-incompatible to leave such layers dense")
+        skipped.append({"name": target.name, "node": target.node_name, "reason": reason})
+    if not kept:
+        raise UserError(f"no selected layer can take {pattern.label}: {skipped[0]['node']}: {skipped[0]['reason']}"
+                        + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    return kept, skipped
+
+
+def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, seed: int,
+                  stats: dict[str, dict[str, np.ndarray]] | None = None) -> list[TargetRecord]:
+    records = []
+    for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}")):
+        layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]),
+                      stats.get(target.name) if stats else None)
+        pruned = method.prune(layer, pattern)
+        target.write(pruned.weight)
+        if pruned.bias is not None:
+            _write_bias(target, pruned.bias)
+        records.append(record_of(target, pruned.weight, pattern, bias_changed=pruned.bias is not None))
+    return records
+
+
+def record_of(target: Target, canonical: np.ndarray, pattern: Pattern | None, bias_changed: bool = False) -> TargetRecord:
+    return TargetRecord(
+        name=target.name, node=target.node_name, op=target.op, shape=list(target.layout.stored_shape),
+        block=target.block, params=int(canonical.size), zeros=int((canonical == 0).sum()),
+        sparsity=sparsity_of(canonical),
+        nm_valid=nm_valid(canonical, pattern.n, pattern.m) if pattern is not None and pattern.is_nm else None,
+        bias_changed=bias_changed,
+    )
+
+
+def _write_bias(target: Target, bias: np.ndarray) -> None:
+    if target.bias is None:
+        raise RuntimeError(f"{target.name}: a pass returned a bias for a layer without one")
+    dtype = target.bias.const_value.dtype.numpy()
+    target.bias.const_value = ir.Tensor(bias.astype(dtype), name=target.bias.name)
+
+
+def stamp_provenance(model: ir.Model, report: Report) -> None:
+    model.metadata_props.update({
+        "onnxprune.version": report.onnxprune_version,
+        "onnxprune.method": report.method,
+        "onnxprune.pattern": report.pattern,
+        "onnxprune.sparsity": f"{report.sparsity:g}",
+        "onnxprune.targets": str(len(report.targets)),
+    })
+
+
+def _nothing_selected_message(model_path, targets: list[Target]) -> str:
+    if not targets:
+        return f"no prunable weights found in {model_path} (no MatMul/Gemm/Conv with a float initializer weight)"
+    reasons = sorted({t.skip_reason or t.default_reason for t in targets if t.skip_reason or t.default_reason})
+    return (f"no prunable weights selected in {model_path}: {len(targets)} candidates all left out "
+            f"({'; '.join(reasons)[:200]}); use --include REGEX to choose layers")

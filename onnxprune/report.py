@@ -1,0 +1,57 @@
+"""Results as JSON + Markdown, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from onnxprune.pipeline import Report
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_report(report: Report, path: str | os.PathLike) -> tuple[Path, Path]:
+    """`path` gets the JSON; the Markdown twin goes beside it with a .md suffix."""
+    json_path = write_text_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    return json_path, write_text_atomic(Path(path).with_suffix(".md"), report_markdown(report))
+
+
+def report_markdown(report: Report) -> str:
+    totals = report.totals
+    lines = [
+        f"# onnxprune report: {report.method}, {report.pattern}, sparsity {report.sparsity:g}",
+        "",
+        f"- input: `{report.input}`",
+        f"- output: `{report.output}`",
+        f"- targets pruned: {totals['targets']}, weights {totals['params']:,}, zeros {totals['zeros']:,} "
+        f"({totals['sparsity']:.2%})",
+        "- wall time (s): " + ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in report.timings_s.items()),
+        "",
+        markdown_table(["target", "op", "shape", "block", "sparsity", "N:M valid"],
+                       [[t.node, t.op, "×".join(map(str, t.shape)), t.block or "-", f"{t.sparsity:.4f}",
+                         "-" if t.nm_valid is None else ("yes" if t.nm_valid else "NO")] for t in report.targets]),
+    ]
+    if report.skipped:
+        lines += ["", "## Left dense", "", markdown_table(["target", "reason"],
+                                                          [[s["node"], s["reason"]] for s in report.skipped])]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""The one interface every pruning method implements.
+
+A pass sees one weight at a time as a canonical matrix `W[out, K]` (rows are output neurons, K is
+the reduction axis), with its bias and whatever calibration statistics it declared it needs. It
+returns the new weight (and bias); it never touches the graph.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from onnxprune.patterns import Pattern, select_lowest
+
+
+@dataclass
+class Layer:
+    """What a pass gets for one target."""
+
+    name: str
+    weight: np.ndarray  # float32 [out, K], a private copy the pass may modify
+    bias: np.ndarray | None
+    rng: np.random.Generator
+    stats: dict[str, np.ndarray] | None = None  # calibration statistics, keyed as in `needs`
+
+
+@dataclass
+class Pruned:
+    weight: np.ndarray
+    bias: np.ndarray | None = None  # set only when the pass changed the bias
+
+
+class PruningPass(ABC):
+    """Base of all methods. Subclasses set `name`, `summary` and implement `prune`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics required
+
+    @abstractmethod
+    def prune(self, layer: Layer, pattern: Pattern) -> Pruned: ...
+
+
+class ScorePass(PruningPass):
+    """A method that only chooses a mask: the lowest scores are zeroed.
+
+    `per_output` picks the unstructured selection unit: each output neuron (row) loses ⌊K·s⌋
+    weights, or the whole matrix loses ⌊numel·s⌋ under one threshold. N:M ignores it.
+    """
+
+    per_output: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, layer: Layer) -> np.ndarray: ...
+
+    def prune(self, layer: Layer, pattern: Pattern) -> Pruned:
+        mask = select_lowest(self.score(layer), pattern, self.per_output)
+        weight = layer.weight
+        weight[mask] = 0.0
+        return Pruned(weight)

@@ -1,0 +1,37 @@
+"""Method registry: each module in this package registers its passes with `@register`."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from onnxprune.errors import UserError
+from onnxprune.passes.base import PruningPass
+
+_PASSES: dict[str, type[PruningPass]] = {}
+
+
+def register(cls: type[PruningPass]) -> type[PruningPass]:
+    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
+        raise RuntimeError(f"two passes are registered as {cls.name!r}")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    package = importlib.import_module("onnxprune.passes")
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in ("base", "registry"):
+            importlib.import_module(f"onnxprune.passes.{module.name}")
+
+
+def available() -> dict[str, type[PruningPass]]:
+    _load_all()
+    return dict(sorted(_PASSES.items()))
+
+
+def get_pass(name: str) -> PruningPass:
+    passes = available()
+    if name not in passes:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(passes)}")
+    return passes[name]()

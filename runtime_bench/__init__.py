@@ -1,0 +1,1 @@
+"""Latency benchmarks across onnxruntime execution providers (arrives with the bench command)."""
