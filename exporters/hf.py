@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onnxprune.errors import UserError
+from onnxprune.errors import UserError, first_line
 
 # Architecture class suffix → optimum task, for local directories (optimum infers tasks from the hub only).
 _TASK_BY_SUFFIX = [
@@ -42,7 +42,7 @@ def infer_task(model: str) -> str:
     try:
         return TasksManager.infer_task_from_model(model)
     except Exception as exc:
-        raise UserError(f"cannot infer the task of {model} ({_first_line(exc)}); pass --task") from None
+        raise UserError(f"cannot infer the task of {model} ({first_line(exc)}); pass --task") from None
 
 
 def export_hf(model: str, out_dir: str | Path, task: str = "auto", with_past: bool = False,
@@ -62,7 +62,7 @@ def export_hf(model: str, out_dir: str | Path, task: str = "auto", with_past: bo
         main_export(model_name_or_path=model, output=out_dir, task=task, opset=opset, dtype=dtype,
                     do_validation=validate)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"export of {model} failed: {_first_line(exc)}") from None
+        raise UserError(f"export of {model} failed: {first_line(exc)}") from None
     onnx_files = sorted(out_dir.glob("*.onnx"))
     if not onnx_files:
         raise UserError(f"export of {model} produced no .onnx file in {out_dir}")
@@ -72,8 +72,3 @@ def export_hf(model: str, out_dir: str | Path, task: str = "auto", with_past: bo
 
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).suffix != ""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

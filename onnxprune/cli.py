@@ -14,11 +14,17 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxprune import __version__
-from onnxprune.errors import UserError
+from onnxprune.errors import UserError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Prune neural networks as ONNX graphs.")
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # pipes and CI logs get wide tables
+
+
+CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, or a .npz of input tensors.")
+NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
+SEQLEN_OPTION = typer.Option(2048, "--seqlen", help="Tokens per calibration window.")
+TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: beside the model).")
 
 
 @app.command()
@@ -34,16 +40,26 @@ def apply(
     skip_incompatible: bool = typer.Option(False, "--skip-incompatible", help="Leave layers whose K is not divisible by M dense instead of failing."),
     seed: int = typer.Option(0, "--seed", help="Seed for random methods."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights beside the model (default: when the input does or the model is large)."),
+    calib: Optional[str] = CALIB_OPTION,
+    nsamples: int = NSAMPLES_OPTION,
+    seqlen: int = SEQLEN_OPTION,
+    tokenizer: Optional[Path] = TOKENIZER_OPTION,
+    one_shot: bool = typer.Option(False, "--one-shot", help="Gather all statistics on the dense model instead of block by block."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics from `onnxprune calibrate` (one-shot) instead of --calib."),
 ) -> None:
     """Prune MODEL's weights and write a new ONNX model."""
     from onnxprune.patterns import parse_pattern
     from onnxprune.pipeline import PruneOptions
     from onnxprune.pipeline import apply as run_apply
     from onnxprune.report import write_report
+    from onnxprune.samples import CalibrationOptions
 
     spec = parse_pattern(pattern, sparsity)
     output = output or _default_output(model, method, spec.label, spec.sparsity)
-    result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed, external_data))
+    calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer), seed, not one_shot,
+                                     _optional_str(stats))
+    result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed,
+                                                   external_data, calibration))
     if report:
         write_report(result, report)
     totals = result.totals
@@ -106,6 +122,30 @@ def export(
 
 
 @app.command()
+def calibrate(
+    model: Path = typer.Argument(..., help="ONNX model."),
+    output: Path = typer.Option(..., "--output", "-o", help="Statistics file (.npz) to write."),
+    calib: Optional[str] = CALIB_OPTION,
+    nsamples: int = NSAMPLES_OPTION,
+    seqlen: int = SEQLEN_OPTION,
+    tokenizer: Optional[Path] = TOKENIZER_OPTION,
+    include: Optional[str] = typer.Option(None, "--include", help="Regex: calibrate exactly these layers."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: skip these layers."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Gather only what this method needs (default: everything)."),
+) -> None:
+    """Gather activation statistics on the dense model once, for `apply --stats` (one-shot)."""
+    from onnxprune.pipeline import calibrate_to_file
+    from onnxprune.samples import CalibrationOptions
+
+    if output.suffix != ".npz":
+        raise UserError(f"statistics file must end in .npz: {output}")
+    summary = calibrate_to_file(model, output, CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer)),
+                                include, exclude, method)
+    stdout.print(f"wrote {output}: statistics of {summary['targets']} weights from {summary['samples']} samples "
+                 f"in {summary['seconds']:.2f} s")
+
+
+@app.command()
 def methods() -> None:
     """List the pruning methods."""
     from onnxprune.passes import available
@@ -119,6 +159,36 @@ def methods() -> None:
 def version() -> None:
     """Print onnxprune's version."""
     stdout.print(__version__)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Path = typer.Argument(..., help="ONNX causal LM (.onnx file, or a directory holding model.onnx)."),
+    eval_source: str = typer.Option("wikitext2", "--eval", help="wikitext2, c4, ptb, or a .txt / .jsonl file."),
+    seqlen: int = typer.Option(2048, "--seqlen", min=2, help="Tokens per window."),
+    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's directory)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Perplexity of MODEL through onnxruntime (non-overlapping windows, as Wanda and SparseGPT measure it)."""
+    from onnxprune.data import load_tokenizer
+    from onnxprune.evaluate import perplexity
+    from onnxprune.model_io import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    result = perplexity(path, load_tokenizer(path, tokenizer_dir), eval_source, seqlen, max_windows=max_windows)
+    stdout.print(f"perplexity {result.perplexity:.4f} on {eval_source}: {result.windows} windows of {seqlen} tokens "
+                 f"({result.windows * seqlen:,} of {result.tokens:,} tokens) in {result.seconds:.2f} s")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"model": str(path), "eval": eval_source, **result.as_dict()}, indent=2) + "\n")
+        stdout.print(f"wrote {json_out}")
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _default_output(model: Path, method: str, pattern: str, sparsity: float) -> Path:
@@ -144,8 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(f"internal error: {type(exc).__name__}: {message} (rerun with ONNXPRUNE_DEBUG=1 for a traceback)", 1)
+        _fail(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with ONNXPRUNE_DEBUG=1 for a traceback)", 1)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune.errors import UserError
+from onnxprune.errors import UserError, first_line
 
 # Protobuf refuses messages over 2 GiB; stay well below it before switching to external data.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1536 * 1024 * 1024
@@ -33,8 +33,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         return ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and friends: the file is not a model
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable ONNX model ({reason})") from None
+        raise UserError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -79,6 +78,9 @@ def save_model(model: ir.Model, output_path: str | os.PathLike, external_data: b
             ir.save(model, staged_model, external_data=data_file.name)
             os.replace(staging / data_file.name, data_file)
         else:
+            # Tensors still read lazily from the input's external data would otherwise be saved as
+            # references to a data file that is not beside the output: bring them inline.
+            ir.external_data.load_to_model(model)
             ir.save(model, staged_model)
         os.replace(staged_model, out)
     finally:

@@ -11,11 +11,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import __version__
+from onnxprune.calibration import calibrate, group_by_block
 from onnxprune.errors import UserError
 from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
 from onnxprune.passes import Layer, PruningPass, get_pass
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
+from onnxprune.samples import CalibrationOptions, calibration_samples
+from onnxprune.stats_file import load_stats, save_stats
+from onnxprune.statistics import STAT_KEYS
 from onnxprune.targets import Target, discover_targets, select_targets
 
 
@@ -28,6 +32,7 @@ class PruneOptions:
     skip_incompatible: bool = False
     seed: int = 0
     external_data: bool | None = None
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
 
 
 @dataclass
@@ -84,9 +89,6 @@ class StageTimer:
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
     """Prune the model at `model_path` into `output_path`; the input file is never modified."""
     method = get_pass(options.method)
-    if method.needs:
-        raise UserError(f"method {method.name!r} needs calibration statistics ({', '.join(sorted(method.needs))}), "
-                        "which this version cannot gather yet")
     output = check_output_path(model_path, output_path)
     timer = StageTimer()
     with timer.stage("load"):
@@ -99,13 +101,63 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
         selected, skipped = split_nm_incompatible(selected, options.pattern, options.skip_incompatible)
     report = Report(__version__, str(resolve_model_path(model_path)), str(output), method.name,
                     options.pattern.label, options.pattern.sparsity, options.seed, skipped=skipped)
-    with timer.stage("prune"):
-        report.targets = prune_targets(selected, method, options.pattern, options.seed)
+    if method.needs:
+        report.targets = _calibrate_and_prune(model_path, model, selected, method, options, timer)
+    else:
+        with timer.stage("prune"):
+            report.targets = prune_targets(selected, method, options.pattern, options.seed)
     stamp_provenance(model, report)
     with timer.stage("save"):
         save_model(model, output, options.external_data)
     report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}
     return report
+
+
+def _calibrate_and_prune(model_path, model: ir.Model, targets: list[Target], method: PruningPass,
+                         options: PruneOptions, timer: StageTimer) -> list[TargetRecord]:
+    """Statistics from a file, or gathered in onnxruntime (sequentially by default), then the pass."""
+    calib = options.calibration
+    if calib.stats_file:
+        with timer.stage("load_stats"):
+            stats, _ = load_stats(calib.stats_file)
+        for target in targets:
+            missing = method.needs - set(stats.get(target.name, {}))
+            if missing:
+                raise UserError(f"{calib.stats_file} lacks {', '.join(sorted(missing))} for {target.node_name}; "
+                                f"recompute it with `onnxprune calibrate` for this model")
+        with timer.stage("prune"):
+            return prune_targets(targets, method, options.pattern, options.seed, stats)
+    with timer.stage("load_data"):
+        samples = calibration_samples(model_path, _input_names(model), calib)
+    records: list[TargetRecord] = []
+
+    def prune_group(group: list[Target], stats: dict[str, dict]) -> None:
+        with timer.stage("prune"):
+            records.extend(prune_targets(group, method, options.pattern, options.seed, stats, first_index=len(records)))
+
+    groups = group_by_block(targets) if calib.sequential else [targets]
+    start = time.perf_counter()
+    calibrate(model, groups, samples, method.needs, prune_group)
+    timer.seconds["calibrate"] = round(time.perf_counter() - start - timer.seconds.get("prune", 0.0), 6)
+    return records
+
+
+def calibrate_to_file(model_path, output, calib: CalibrationOptions, include: str | None, exclude: str | None,
+                      method_name: str | None) -> dict:
+    """One-shot statistics of the selected targets, saved for `apply --stats`."""
+    needs = get_pass(method_name).needs if method_name else STAT_KEYS
+    if not needs:
+        raise UserError(f"method {method_name!r} needs no calibration")
+    start = time.perf_counter()
+    model = load_model(model_path)
+    targets = select_targets(discover_targets(model), include, exclude)
+    if not targets:
+        raise UserError(_nothing_selected_message(model_path, discover_targets(model)))
+    samples = calibration_samples(model_path, _input_names(model), calib)
+    stats = calibrate(model, [targets], samples, frozenset(needs))
+    save_stats(output, stats, {"model": str(resolve_model_path(model_path)), "source": calib.source,
+                               "nsamples": len(samples), "seqlen": calib.seqlen, "onnxprune_version": __version__})
+    return {"targets": len(stats), "samples": len(samples), "seconds": time.perf_counter() - start}
 
 
 def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -> tuple[list[Target], list[dict]]:
@@ -130,9 +182,10 @@ def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -
 
 
 def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, seed: int,
-                  stats: dict[str, dict[str, np.ndarray]] | None = None) -> list[TargetRecord]:
+                  stats: dict[str, dict] | None = None, first_index: int = 0) -> list[TargetRecord]:
+    """Run `method` on each target; `first_index` keeps per-target seeds stable across groups."""
     records = []
-    for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}")):
+    for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
         layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]),
                       stats.get(target.name) if stats else None)
         pruned = method.prune(layer, pattern)
@@ -168,6 +221,10 @@ def stamp_provenance(model: ir.Model, report: Report) -> None:
         "onnxprune.sparsity": f"{report.sparsity:g}",
         "onnxprune.targets": str(len(report.targets)),
     })
+
+
+def _input_names(model: ir.Model) -> list[str]:
+    return [v.name for v in model.graph.inputs if not v.is_initializer()]
 
 
 def _nothing_selected_message(model_path, targets: list[Target]) -> str:

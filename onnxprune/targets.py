@@ -167,22 +167,27 @@ class _WeightUse:
     via: tuple[str, ...]
 
 
-def _trace_uses(value: ir.Value, transposed: bool, via: tuple[str, ...]):
-    """Follow a weight through Transpose/Cast to the ops that consume it."""
+def _trace_uses(value: ir.Value, transposed: bool, via: tuple[str, ...], rank: int | None = None):
+    """Follow a weight through Transpose/Cast to the ops that consume it.
+
+    `rank` is the initializer's: Transpose and Cast keep it, and their outputs often carry no
+    shape (graphs without value_info), so it is passed down rather than read from them.
+    """
     weight_uses: list[_WeightUse] = []
     other_uses: list[str] = []
+    if rank is None and value.shape is not None:
+        rank = len(value.shape)
     for use in value.uses():
         node, index = use.node, use.idx
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        rank = len(value.shape) if value.shape is not None else None
         if op == "Transpose" and index == 0 and rank == 2 and not node.outputs[0].is_graph_output():
             perm = node.attributes.get_ints("perm", [1, 0])
             flipped = transposed ^ (list(perm) == [1, 0])
-            found, others = _trace_uses(node.outputs[0], flipped, via + ("Transpose",))
+            found, others = _trace_uses(node.outputs[0], flipped, via + ("Transpose",), rank)
             weight_uses += found
             other_uses += others
         elif op == "Cast" and index == 0 and not node.outputs[0].is_graph_output():
-            found, others = _trace_uses(node.outputs[0], transposed, via + ("Cast",))
+            found, others = _trace_uses(node.outputs[0], transposed, via + ("Cast",), rank)
             weight_uses += found
             other_uses += others
         elif op == "MatMul" and index == 1 and rank == 2:

@@ -1,0 +1,306 @@
+"""Calibration data, input feeds and ONNX perplexity, offline: a tokenizer trained on Python's own
+documentation and a tiny random Llama exported through onnxprune's exporter."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from onnxprune import data
+from onnxprune.cli import main
+from onnxprune.errors import UserError
+from onnxprune.evaluate import perplexity, window_loss
+
+SEQLEN = 32
+
+
+@pytest.fixture(scope="session")
+def corpus() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          show_progress=False))
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return data.load_tokenizer(tokenizer_dir / "model.onnx", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def torch_model_dir(tmp_path_factory, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    directory = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory, torch_model_dir, tokenizer):
+    from onnxprune.exporters.hf import export_hf
+
+    directory = tmp_path_factory.mktemp("onnx")
+    export_hf(str(torch_model_dir), directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def eval_txt(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(corpus[:12_000])
+    return path
+
+
+def reference_windows(ids, nsamples, seqlen, seed=0):
+    random.seed(seed)
+    starts = [random.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return np.stack([ids[i:i + seqlen] for i in starts])
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+# --- data sources and windows ---------------------------------------------------------------
+
+
+def test_calibration_windows_match_reference_sampling(tokenizer, eval_txt):
+    windows = data.calibration_windows(tokenizer, eval_txt, nsamples=8, seqlen=SEQLEN, seed=0)
+    ids = np.asarray(tokenizer(eval_txt.read_text())["input_ids"])
+    assert windows.dtype == np.int64 and windows.shape == (8, SEQLEN)
+    np.testing.assert_array_equal(windows, reference_windows(ids, 8, SEQLEN, seed=0))
+    assert not np.array_equal(windows, data.calibration_windows(tokenizer, eval_txt, 8, SEQLEN, seed=1))
+
+
+def test_text_too_short_for_a_window(tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(UserError, match=r"has \d+ tokens; a calibration window of 32 tokens needs at least 33"):
+        data.calibration_windows(tokenizer, short, 4, SEQLEN)
+    with pytest.raises(UserError, match=r"has \d+ tokens; one evaluation window needs 32"):
+        data.evaluation_ids(tokenizer, short, SEQLEN)
+
+
+def test_jsonl_source_joins_text_fields(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "first doc", "id": 1}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    assert data.load_text(path, "train") == "first doc\n\nsecond"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(UserError, match=r'docs.jsonl:1 has no "text"'):
+        data.load_text(path, "test")
+
+
+def test_txt_source_is_the_whole_file(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text("line one\n\nline two\n")
+    assert data.load_text(path, "test") == "line one\n\nline two\n"
+
+
+@pytest.mark.parametrize("source, message", [("nosuch.txt", "text file not found"),
+                                             ("wikitext3", "unknown text source"),
+                                             ("inputs.npz", "holds input tensors, not text")])
+def test_bad_text_sources(source, message):
+    with pytest.raises(UserError, match=message):
+        data.load_text(source, "train")
+
+
+def test_datasets_follow_the_references(monkeypatch, tokenizer, corpus):
+    from datasets import Dataset
+
+    calls = []
+    paragraphs = corpus.split("\n\n")[:400]
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return Dataset.from_dict({"text": paragraphs, "sentence": paragraphs})
+
+    monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
+    assert data.load_text("wikitext2", "train") == " ".join(paragraphs)
+    assert data.load_text("WikiText2", "test") == "\n\n".join(paragraphs)
+    assert data.load_text("ptb", "test") == " ".join(paragraphs)
+    assert [c[0] for c in calls] == [("wikitext", "wikitext-2-raw-v1")] * 2 + [("ptb_text_only", "penn_treebank")]
+    assert [c[1]["split"] for c in calls] == ["train", "test", "test"]
+
+    # C4: per-document sampling, as the references draw it.
+    windows = data.calibration_windows(tokenizer, "c4", nsamples=5, seqlen=SEQLEN, seed=0)
+    assert calls[-1][1]["data_files"] == {"train": "en/c4-train.00000-of-01024.json.gz"}
+    random.seed(0)
+    expected = []
+    for _ in range(5):
+        while True:
+            ids = tokenizer(paragraphs[random.randint(0, len(paragraphs) - 1)])["input_ids"]
+            if len(ids) > SEQLEN:
+                break
+        start = random.randint(0, len(ids) - SEQLEN - 1)
+        expected.append(ids[start:start + SEQLEN])
+    np.testing.assert_array_equal(windows, np.array(expected))
+    ids = data.evaluation_ids(tokenizer, "c4", SEQLEN)
+    np.testing.assert_array_equal(ids, tokenizer(" ".join(paragraphs))["input_ids"][:256 * SEQLEN])
+
+
+def test_dataset_load_failure_is_a_user_error(monkeypatch, tokenizer):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr("datasets.load_dataset", offline)
+    with pytest.raises(UserError, match=r"cannot load the wikitext2 data set \(Couldn't reach.*\); .*\.txt") as info:
+        data.calibration_windows(tokenizer, "wikitext2", 4, SEQLEN)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(UserError, match=r"no tokenizer beside the model .*; pass --tokenizer DIR"):
+        data.load_tokenizer(tmp_path / "model.onnx")
+    with pytest.raises(UserError, match="tokenizer directory not found"):
+        data.load_tokenizer(tmp_path / "model.onnx", tmp_path / "nope")
+
+
+def test_model_feeds():
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    feeds = data.model_feeds(["input_ids", "attention_mask", "position_ids", "token_type_ids"], ids)
+    np.testing.assert_array_equal(feeds["input_ids"], ids)
+    np.testing.assert_array_equal(feeds["attention_mask"], np.ones((2, 3)))
+    np.testing.assert_array_equal(feeds["position_ids"], [[0, 1, 2], [0, 1, 2]])
+    np.testing.assert_array_equal(feeds["token_type_ids"], np.zeros((2, 3)))
+    assert list(data.model_feeds(["input_ids"], ids[0])) == ["input_ids"]
+    assert data.model_feeds(["input_ids"], ids[0])["input_ids"].shape == (1, 3)
+    with pytest.raises(UserError, match="export it without --with-past"):
+        data.model_feeds(["input_ids", "past_key_values.0.key"], ids)
+    with pytest.raises(UserError, match="also needs pixel_mask"):
+        data.model_feeds(["input_ids", "pixel_mask"], ids)
+    with pytest.raises(UserError, match="no input_ids"):
+        data.model_feeds(["pixel_values"], ids)
+
+
+def test_npz_inputs(tmp_path):
+    path = tmp_path / "inputs.npz"
+    np.savez(path, pixel_values=np.zeros((1, 3, 4, 4), np.float32))
+    arrays = data.load_npz_inputs(path)
+    assert list(arrays) == ["pixel_values"]
+    data.check_inputs_match(["pixel_values"], arrays)
+    with pytest.raises(UserError, match="lack mask"):
+        data.check_inputs_match(["pixel_values", "mask"], arrays)
+    with pytest.raises(UserError, match="tensors extra are not model inputs"):
+        data.check_inputs_match(["pixel_values"], {**arrays, "extra": np.zeros(1)})
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(UserError, match="not a readable .npz"):
+        data.load_npz_inputs(tmp_path / "bad.npz")
+
+
+# --- perplexity -----------------------------------------------------------------------------
+
+
+def torch_perplexity(model_dir, ids, seqlen):
+    """The references' eval_ppl_wikitext on the torch model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.as_tensor(ids)[None]
+    nsamples = ids.numel() // seqlen
+    nlls = []
+    with torch.no_grad():
+        for i in range(nsamples):
+            inputs = ids[:, i * seqlen:(i + 1) * seqlen]
+            logits = model(inputs).logits
+            loss = torch.nn.CrossEntropyLoss()(logits[:, :-1, :].reshape(-1, logits.size(-1)), inputs[:, 1:].reshape(-1))
+            nlls.append(loss.float() * seqlen)
+    return torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item(), nsamples
+
+
+def test_perplexity_matches_torch(onnx_dir, torch_model_dir, tokenizer, eval_txt):
+    result = perplexity(onnx_dir / "model.onnx", tokenizer, eval_txt, SEQLEN)
+    ids = data.evaluation_ids(tokenizer, eval_txt, SEQLEN)
+    expected, nsamples = torch_perplexity(torch_model_dir, ids, SEQLEN)
+    assert result.windows == nsamples == len(ids) // SEQLEN >= 10
+    assert result.tokens == len(ids)
+    assert abs(result.perplexity - expected) / expected < 1e-3, (result.perplexity, expected)
+    assert math.isclose(math.exp(result.mean_nll), result.perplexity)
+    limited = perplexity(onnx_dir, tokenizer, eval_txt, SEQLEN, max_windows=2)
+    assert limited.windows == 2
+    assert limited.perplexity == pytest.approx(torch_perplexity(torch_model_dir, ids[:2 * SEQLEN], SEQLEN)[0], rel=1e-3)
+
+
+def test_window_loss_is_cross_entropy():
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 50)).astype(np.float32) * 5
+    ids = rng.integers(0, 50, size=300)
+    expected = torch.nn.CrossEntropyLoss()(torch.from_numpy(logits[:-1]), torch.from_numpy(ids[1:])).item()
+    assert window_loss(logits, ids) == pytest.approx(expected, rel=1e-6)
+
+
+def test_perplexity_needs_logits(tmp_path, tokenizer, eval_txt):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["embedding"], to=TensorProto.FLOAT)], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", "seq"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "encoder.onnx")
+    with pytest.raises(UserError, match=r"not \[batch, seq, vocab\] logits"):
+        perplexity(tmp_path / "encoder.onnx", tokenizer, eval_txt, SEQLEN)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_eval(onnx_dir, eval_txt, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    code, stdout, _ = run_cli(["eval", str(onnx_dir), "--eval", str(eval_txt), "--seqlen", str(SEQLEN),
+                               "--max-windows", "3", "--json", str(out)], capsys)
+    assert code == 0
+    assert "perplexity" in stdout and "3 windows of 32 tokens" in stdout
+    record = json.loads(out.read_text())
+    assert record["windows"] == 3 and record["seqlen"] == SEQLEN and record["eval"] == str(eval_txt)
+    assert record["perplexity"] == pytest.approx(math.exp(record["mean_nll"]))
+
+
+def test_cli_eval_errors(onnx_dir, tokenizer_dir, eval_txt, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(onnx_dir / "model.onnx", bare / "model.onnx")
+    code, _, err = run_cli(["eval", str(bare / "model.onnx"), "--eval", str(eval_txt), "--seqlen", "32"], capsys)
+    assert code == 2
+    assert err.startswith("error: no tokenizer") and "--tokenizer DIR" in err and err.count("\n") == 1
+
+    code, stdout, _ = run_cli(["eval", str(bare / "model.onnx"), "--eval", str(eval_txt), "--seqlen", "32",
+                               "--tokenizer", str(tokenizer_dir), "--max-windows", "1"], capsys)
+    assert code == 0 and "1 windows" in stdout
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, _, err = run_cli(["eval", str(onnx_dir), "--eval", str(short), "--seqlen", "32"], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "tokens; one evaluation window needs 32" in err and err.count("\n") == 1
