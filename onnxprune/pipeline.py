@@ -121,10 +121,15 @@ def _calibrate_and_prune(model_path, model: ir.Model, targets: list[Target], met
         with timer.stage("load_stats"):
             stats, _ = load_stats(calib.stats_file)
         for target in targets:
-            missing = method.needs - set(stats.get(target.name, {}))
+            entry = stats.get(target.name, {})
+            missing = method.needs - set(entry)
             if missing:
                 raise UserError(f"{calib.stats_file} lacks {', '.join(sorted(missing))} for {target.node_name}; "
                                 f"recompute it with `onnxprune calibrate` for this model")
+            widths = {np.shape(entry[key])[0] for key in method.needs if np.ndim(entry[key])}
+            if widths - {target.layout.in_features}:
+                raise UserError(f"{calib.stats_file} has statistics of K={widths.pop()} for {target.node_name}, "
+                                f"whose weight has K={target.layout.in_features}: it was computed for another model")
         with timer.stage("prune"):
             return prune_targets(targets, method, options.pattern, options.seed, stats)
     with timer.stage("load_data"):

@@ -304,3 +304,17 @@ def test_cli_eval_errors(onnx_dir, tokenizer_dir, eval_txt, tmp_path, capsys):
     code, _, err = run_cli(["eval", str(onnx_dir), "--eval", str(short), "--seqlen", "32"], capsys)
     assert code == 2
     assert err.startswith("error: ") and "tokens; one evaluation window needs 32" in err and err.count("\n") == 1
+
+
+def test_cli_apply_with_text_calibration(onnx_dir, eval_txt, tokenizer, tmp_path, capsys):
+    """`apply --calib FILE.txt` tokenizes with the tokenizer beside the model; the pruned model evaluates."""
+    out = tmp_path / "wanda.onnx"
+    code, _, err = run_cli(["apply", str(onnx_dir / "model.onnx"), "-m", "wanda", "-s", "0.5", "--calib",
+                            str(eval_txt), "--nsamples", "8", "--seqlen", str(SEQLEN), "-o", str(out),
+                            "--report", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["targets"] and all(t["sparsity"] == 0.5 for t in report["targets"])
+    dense = perplexity(onnx_dir / "model.onnx", tokenizer, eval_txt, SEQLEN)
+    pruned = perplexity(out, tokenizer, eval_txt, SEQLEN)
+    assert math.isfinite(pruned.perplexity) and pruned.perplexity != dense.perplexity
