@@ -25,6 +25,7 @@ class Layer:
     bias: np.ndarray | None
     rng: np.random.Generator
     stats: dict[str, np.ndarray] | None = None  # calibration statistics, keyed as in `needs`
+    allow_new_bias: bool = False  # a pass may return a bias for a layer without one (the user asked)
 
 
 @dataclass

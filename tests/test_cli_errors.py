@@ -26,6 +26,7 @@ CASES = {
     "sparsity contradicts pattern": ("model", ["--sparsity", "0.6", "--pattern", "2:4"], "contradicts"),
     "invalid include regex": ("model", ["--include", "(", *GOOD], "--include"),
     "no sparsity at all": ("model", [], "--sparsity"),
+    "unknown option": ("model", ["--bogus", *GOOD], "--bogus"),
 }
 
 
