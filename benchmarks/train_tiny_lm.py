@@ -13,7 +13,7 @@ Writes (default `runs/tiny-lm/`):
 
 Skips everything when `hf/` and `onnx/model.onnx` exist (pass --force to retrain).
 
-    python benchmarks/train_tiny_lm.py [--out runs/tiny-lm] [--steps 900] [--max-minutes 9]
+    python benchmarks/train_tiny_lm.py [--out runs/tiny-lm] [--steps 800] [--max-minutes 8.5]
 """
 
 from __future__ import annotations
@@ -180,8 +180,8 @@ def export(out: Path) -> Path:
     return onnx_dir / "model.onnx"
 
 
-def ensure_model(out: Path = DEFAULT_OUT, force: bool = False, steps: int = 900, batch: int = 16, lr: float = 2e-3,
-                 max_minutes: float = 9.0, seed: int = 0) -> Path:
+def ensure_model(out: Path = DEFAULT_OUT, force: bool = False, steps: int = 800, batch: int = 16, lr: float = 2e-3,
+                 max_minutes: float = 8.5, seed: int = 0) -> Path:
     """Train and export unless already there; returns the directory."""
     if not force and (out / "hf" / "config.json").is_file() and (out / "onnx" / "model.onnx").is_file() \
             and (out / "summary.json").is_file():
@@ -198,10 +198,10 @@ def ensure_model(out: Path = DEFAULT_OUT, force: bool = False, steps: int = 900,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-minutes", type=float, default=9.0, help="stop training early past this wall time")
+    parser.add_argument("--max-minutes", type=float, default=8.5, help="stop training early past this wall time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain even if the model exists")
     args = parser.parse_args()

@@ -16,6 +16,14 @@ from rich.table import Table
 from onnxprune import __version__
 from onnxprune.errors import UserError, first_line
 
+try:  # typer >= 0.20 parses with its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as _typer_click
+except ImportError:  # older typer runs on click itself
+    _typer_click = click.exceptions
+_USAGE_ERRORS = (click.UsageError, _typer_click.UsageError)
+_CLICK_ERRORS = (click.ClickException, _typer_click.ClickException)
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Prune neural networks as ONNX graphs.")
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # pipes and CI logs get wide tables
@@ -163,28 +171,67 @@ def version() -> None:
 
 @app.command(name="eval")
 def evaluate(
-    model: Path = typer.Argument(..., help="ONNX causal LM (.onnx file, or a directory holding model.onnx)."),
-    eval_source: str = typer.Option("wikitext2", "--eval", help="wikitext2, c4, ptb, or a .txt / .jsonl file."),
+    model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
+    eval_source: str = typer.Option("wikitext2", "--eval", help="Perplexity text: wikitext2, c4, ptb, or a .txt / .jsonl file."),
     seqlen: int = typer.Option(2048, "--seqlen", min=2, help="Tokens per window."),
-    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's directory)."),
+    tokenizer_dir: Optional[Path] = TOKENIZER_OPTION,
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Dense twin: measure output fidelity instead of perplexity."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Input tensors (.npz, first axis = samples) for --reference."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
-    """Perplexity of MODEL through onnxruntime (non-overlapping windows, as Wanda and SparseGPT measure it)."""
+    """Perplexity of a causal LM through onnxruntime (as Wanda and SparseGPT measure it), or, with
+    --reference, output fidelity of any model against its dense twin."""
+    from onnxprune.model_io import resolve_model_path
+    from onnxprune.report import write_text_atomic
+
+    path = _existing_model(model)
+    if reference is not None:
+        from onnxprune.fidelity import fidelity
+
+        if inputs is None:
+            raise UserError("--reference needs --inputs X.npz (input tensors named after the model's inputs)")
+        result = {"model": str(path), "reference": str(_existing_model(reference)), "inputs": str(inputs),
+                  **fidelity(path, resolve_model_path(reference), inputs)}
+        for name, metrics in result["outputs"].items():
+            stdout.print(f"{name}: cosine {metrics['cosine']:.6f}, relative error {metrics['relative_error']:.6f}, "
+                         f"top-1 agreement {metrics['top1_agreement']:.4f} ({metrics['rows']:,} rows, "
+                         f"{result['samples']} samples)")
+    else:
+        from onnxprune.data import load_tokenizer
+        from onnxprune.evaluate import perplexity
+
+        ppl = perplexity(path, load_tokenizer(path, tokenizer_dir), eval_source, seqlen, max_windows=max_windows)
+        result = {"model": str(path), "eval": eval_source, **ppl.as_dict()}
+        stdout.print(f"perplexity {ppl.perplexity:.4f} on {eval_source}: {ppl.windows} windows of {seqlen} tokens "
+                     f"({ppl.windows * seqlen:,} of {ppl.tokens:,} tokens) in {ppl.seconds:.2f} s")
+    if json_out:
+        write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
+        stdout.print(f"wrote {json_out}")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Argument(..., help="ONNX causal LM."),
+    prompt: str = typer.Option("University is", "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=0, help="Tokens to generate."),
+    tokenizer_dir: Optional[Path] = TOKENIZER_OPTION,
+) -> None:
+    """Greedy decoding through onnxruntime."""
     from onnxprune.data import load_tokenizer
-    from onnxprune.evaluate import perplexity
+    from onnxprune.generate import greedy_generate
+
+    path = _existing_model(model)
+    print(greedy_generate(path, load_tokenizer(path, tokenizer_dir), prompt, max_new_tokens))
+
+
+def _existing_model(model: Path) -> Path:
     from onnxprune.model_io import resolve_model_path
 
     path = resolve_model_path(model)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
-    result = perplexity(path, load_tokenizer(path, tokenizer_dir), eval_source, seqlen, max_windows=max_windows)
-    stdout.print(f"perplexity {result.perplexity:.4f} on {eval_source}: {result.windows} windows of {seqlen} tokens "
-                 f"({result.windows * seqlen:,} of {result.tokens:,} tokens) in {result.seconds:.2f} s")
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"model": str(path), "eval": eval_source, **result.as_dict()}, indent=2) + "\n")
-        stdout.print(f"wrote {json_out}")
+    return path
 
 
 def _optional_str(path: Path | None) -> str | None:
@@ -205,11 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         result = command.main(args=argv, prog_name="onnxprune", standalone_mode=False)
     except UserError as exc:
         _fail(str(exc), 2)
-    except click.UsageError as exc:
+    except _USAGE_ERRORS as exc:
         _fail(exc.format_message().splitlines()[0], 2)
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:
         _fail(exc.format_message().splitlines()[0], exc.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
         _fail("aborted", 130)
     except Exception as exc:
         if os.environ.get("ONNXPRUNE_DEBUG"):

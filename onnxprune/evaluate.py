@@ -81,7 +81,7 @@ def perplexity_of_ids(model_path: str | os.PathLike, ids: np.ndarray, seqlen: in
     started = time.perf_counter()
     session = open_session(model_path, providers)
     input_names = [i.name for i in session.get_inputs()]
-    logits_name = _logits_output(session)
+    logits_name = logits_output(session)
     nlls = []
     for k in progress_bar(range(windows), "perplexity"):
         window = ids[k * seqlen:(k + 1) * seqlen][None]
@@ -110,7 +110,7 @@ def window_loss(logits: np.ndarray, ids: np.ndarray) -> float:
     return total / len(targets)
 
 
-def _logits_output(session) -> str:
+def logits_output(session) -> str:
     """The output holding [batch, seq, vocab] logits: `logits` if present, else the first output."""
     outputs = session.get_outputs()
     chosen = next((o for o in outputs if o.name == "logits"), outputs[0])

@@ -27,6 +27,7 @@ CASES = {
     "invalid include regex": ("model", ["--include", "(", *GOOD], "--include"),
     "no sparsity at all": ("model", [], "--sparsity"),
     "unknown option": ("model", ["--bogus", *GOOD], "--bogus"),
+    "sparsity not a number": ("model", ["--sparsity", "half"], "--sparsity"),
 }
 
 
@@ -57,7 +58,7 @@ def test_bad_input_in_process(tmp_path, case):
     check_rejected(cli, tmp_path, *CASES[case])
 
 
-@pytest.mark.parametrize("case", ["random bytes", "no prunable weights"])
+@pytest.mark.parametrize("case", ["random bytes", "no prunable weights", "unknown option"])
 def test_bad_input_real_process(tmp_path, case):
     check_rejected(cli_process, tmp_path, *CASES[case])
 
@@ -76,3 +77,8 @@ def test_output_equal_to_input_directory_form(tmp_path):
     before = snapshot(tmp_path)
     assert_user_error(cli("apply", tmp_path, "-o", tmp_path / "model.onnx", *GOOD))
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args", [["apply"], ["inspect"], ["no-such-command"]], ids=" ".join)
+def test_usage_errors(args):
+    assert_user_error(cli(*args))

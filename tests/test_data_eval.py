@@ -318,3 +318,47 @@ def test_cli_apply_with_text_calibration(onnx_dir, eval_txt, tokenizer, tmp_path
     dense = perplexity(onnx_dir / "model.onnx", tokenizer, eval_txt, SEQLEN)
     pruned = perplexity(out, tokenizer, eval_txt, SEQLEN)
     assert math.isfinite(pruned.perplexity) and pruned.perplexity != dense.perplexity
+
+
+# --- generation and fidelity ----------------------------------------------------------------
+
+
+def test_generate_matches_torch_greedy(onnx_dir, torch_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onnxprune.generate import greedy_generate
+
+    prompt = "University is"
+    ours = greedy_generate(onnx_dir / "model.onnx", tokenizer, prompt, max_new_tokens=12)
+    model = AutoModelForCausalLM.from_pretrained(torch_model_dir).eval()
+    ids = torch.from_numpy(data.tokenize(tokenizer, prompt))[None]
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    assert ours == prompt + tokenizer.decode(generated[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    assert ours.startswith(prompt) and len(ours) > len(prompt)
+
+
+def test_cli_generate(onnx_dir, capsys):
+    code, stdout, _ = run_cli(["generate", str(onnx_dir), "--prompt", "The class", "--max-new-tokens", "5"], capsys)
+    assert code == 0 and stdout.startswith("The class")
+
+
+def test_fidelity_against_dense_twin(onnx_dir, tmp_path, capsys):
+    ids = np.random.default_rng(0).integers(3, 500, (6, 16)).astype(np.int64)
+    np.savez(tmp_path / "x.npz", input_ids=ids, attention_mask=np.ones_like(ids),
+             position_ids=np.broadcast_to(np.arange(16), ids.shape).copy())
+    from onnxprune.fidelity import fidelity
+
+    same = fidelity(onnx_dir / "model.onnx", onnx_dir / "model.onnx", tmp_path / "x.npz")["outputs"]["logits"]
+    assert same["cosine"] == pytest.approx(1.0) and same["relative_error"] == 0 and same["top1_agreement"] == 1
+    pruned = tmp_path / "p.onnx"
+    assert run_cli(["apply", str(onnx_dir), "-m", "magnitude", "-p", "2:4", "-o", str(pruned)], capsys)[0] == 0
+    code, stdout, _ = run_cli(["eval", str(pruned), "--reference", str(onnx_dir), "--inputs", str(tmp_path / "x.npz"),
+                               "--json", str(tmp_path / "f.json")], capsys)
+    assert code == 0 and "top-1 agreement" in stdout
+    metrics = json.loads((tmp_path / "f.json").read_text())["outputs"]["logits"]
+    assert 0 < metrics["cosine"] < 1 and metrics["relative_error"] > 0 and metrics["rows"] == 6 * 16
+    code, _, err = run_cli(["eval", str(pruned), "--reference", str(onnx_dir)], capsys)
+    assert code == 2 and err.startswith("error: --reference needs --inputs") and err.count("\n") == 1
