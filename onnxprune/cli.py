@@ -54,6 +54,7 @@ def apply(
     tokenizer: Optional[Path] = TOKENIZER_OPTION,
     one_shot: bool = typer.Option(False, "--one-shot", help="Gather all statistics on the dense model instead of block by block."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics from `onnxprune calibrate` (one-shot) instead of --calib."),
+    allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl: per-block sparsity from outlier Wanda scores (needs --calib or --stats)."),
 ) -> None:
     """Prune MODEL's weights and write a new ONNX model."""
     from onnxprune.patterns import parse_pattern
@@ -66,8 +67,10 @@ def apply(
     output = output or _default_output(model, method, spec.label, spec.sparsity)
     calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer), seed, not one_shot,
                                      _optional_str(stats))
+    if allocation not in ("uniform", "owl"):
+        raise UserError(f"--allocation must be uniform or owl, got {allocation!r}")
     result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed,
-                                                   external_data, calibration))
+                                                   external_data, calibration, allocation))
     if report:
         write_report(result, report)
     totals = result.totals

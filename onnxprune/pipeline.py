@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import __version__
+from onnxprune.allocation import outlier_ratio, owl_sparsities
 from onnxprune.calibration import calibrate, group_by_block
 from onnxprune.errors import UserError
 from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
@@ -33,6 +34,7 @@ class PruneOptions:
     seed: int = 0
     external_data: bool | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    allocation: str = "uniform"  # or "owl"
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Report:
     seed: int
     targets: list[TargetRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    allocation: dict[str, float] = field(default_factory=dict)  # per-block sparsity when not uniform
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -101,11 +104,17 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
         selected, skipped = split_nm_incompatible(selected, options.pattern, options.skip_incompatible)
     report = Report(__version__, str(resolve_model_path(model_path)), str(output), method.name,
                     options.pattern.label, options.pattern.sparsity, options.seed, skipped=skipped)
+    samples = CalibrationSource(model_path, model, options.calibration, timer)
+    patterns = None
+    if options.allocation == "owl":
+        with timer.stage("allocate"):
+            report.allocation = owl_allocation(model, selected, options, samples)
+        patterns = {t.name: Pattern(report.allocation[_block_key(t)]) for t in selected}
     if method.needs:
-        report.targets = _calibrate_and_prune(model_path, model, selected, method, options, timer)
+        report.targets = _calibrate_and_prune(model, selected, method, options, timer, samples, patterns)
     else:
         with timer.stage("prune"):
-            report.targets = prune_targets(selected, method, options.pattern, options.seed)
+            report.targets = prune_targets(selected, method, options.pattern, options.seed, patterns=patterns)
     stamp_provenance(model, report)
     with timer.stage("save"):
         save_model(model, output, options.external_data)
@@ -113,13 +122,50 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
     return report
 
 
-def _calibrate_and_prune(model_path, model: ir.Model, targets: list[Target], method: PruningPass,
-                         options: PruneOptions, timer: StageTimer) -> list[TargetRecord]:
+class CalibrationSource:
+    """Calibration samples or a statistics file, loaded once and only if something asks."""
+
+    def __init__(self, model_path, model: ir.Model, calib: CalibrationOptions, timer: StageTimer) -> None:
+        self.model_path, self.model, self.calib, self.timer = model_path, model, calib, timer
+        self._samples = self._stats = None
+
+    def samples(self) -> list[dict[str, np.ndarray]]:
+        if self._samples is None:
+            with self.timer.stage("load_data"):
+                self._samples = calibration_samples(self.model_path, _input_names(self.model), self.calib)
+        return self._samples
+
+    def stats_file(self) -> dict[str, dict] | None:
+        if self.calib.stats_file and self._stats is None:
+            with self.timer.stage("load_stats"):
+                self._stats, _ = load_stats(self.calib.stats_file)
+        return self._stats
+
+
+def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions, samples: CalibrationSource) -> dict[str, float]:
+    """OWL's per-block sparsity from dense-model Wanda scores."""
+    if options.pattern.is_nm:
+        raise UserError("--allocation owl sets a sparsity per block; it needs unstructured --sparsity, not N:M")
+    stats = samples.stats_file() or calibrate(model, [targets], samples.samples(), frozenset({"sq_sum"}))
+    scores: dict[str, list[np.ndarray]] = {}
+    for target in targets:
+        if "sq_sum" not in stats.get(target.name, {}):
+            raise UserError(f"{options.calibration.stats_file} lacks sq_sum for {target.node_name}")
+        norms = np.sqrt(stats[target.name]["sq_sum"])
+        scores.setdefault(_block_key(target), []).append(np.abs(target.read()) * norms[None, :])
+    return owl_sparsities({block: outlier_ratio(s) for block, s in scores.items()}, options.pattern.sparsity)
+
+
+def _block_key(target: Target) -> str:
+    return target.block if target.block is not None else target.name
+
+
+def _calibrate_and_prune(model: ir.Model, targets: list[Target], method: PruningPass, options: PruneOptions,
+                         timer: StageTimer, samples: CalibrationSource, patterns: dict[str, Pattern] | None) -> list[TargetRecord]:
     """Statistics from a file, or gathered in onnxruntime (sequentially by default), then the pass."""
     calib = options.calibration
-    if calib.stats_file:
-        with timer.stage("load_stats"):
-            stats, _ = load_stats(calib.stats_file)
+    stats = samples.stats_file()
+    if stats is not None:
         for target in targets:
             entry = stats.get(target.name, {})
             missing = method.needs - set(entry)
@@ -131,18 +177,17 @@ def _calibrate_and_prune(model_path, model: ir.Model, targets: list[Target], met
                 raise UserError(f"{calib.stats_file} has statistics of K={widths.pop()} for {target.node_name}, "
                                 f"whose weight has K={target.layout.in_features}: it was computed for another model")
         with timer.stage("prune"):
-            return prune_targets(targets, method, options.pattern, options.seed, stats)
-    with timer.stage("load_data"):
-        samples = calibration_samples(model_path, _input_names(model), calib)
+            return prune_targets(targets, method, options.pattern, options.seed, stats, patterns=patterns)
     records: list[TargetRecord] = []
 
     def prune_group(group: list[Target], stats: dict[str, dict]) -> None:
         with timer.stage("prune"):
-            records.extend(prune_targets(group, method, options.pattern, options.seed, stats, first_index=len(records)))
+            records.extend(prune_targets(group, method, options.pattern, options.seed, stats, first_index=len(records),
+                                         patterns=patterns))
 
     groups = group_by_block(targets) if calib.sequential else [targets]
     start = time.perf_counter()
-    calibrate(model, groups, samples, method.needs, prune_group)
+    calibrate(model, groups, samples.samples(), method.needs, prune_group)
     timer.seconds["calibrate"] = round(time.perf_counter() - start - timer.seconds.get("prune", 0.0), 6)
     return records
 
@@ -187,17 +232,20 @@ def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -
 
 
 def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, seed: int,
-                  stats: dict[str, dict] | None = None, first_index: int = 0) -> list[TargetRecord]:
-    """Run `method` on each target; `first_index` keeps per-target seeds stable across groups."""
+                  stats: dict[str, dict] | None = None, first_index: int = 0,
+                  patterns: dict[str, Pattern] | None = None) -> list[TargetRecord]:
+    """Run `method` on each target (with its own pattern from `patterns`, if given);
+    `first_index` keeps per-target seeds stable across groups."""
     records = []
     for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
         layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]),
                       stats.get(target.name) if stats else None)
-        pruned = method.prune(layer, pattern)
+        own_pattern = patterns[target.name] if patterns else pattern
+        pruned = method.prune(layer, own_pattern)
         target.write(pruned.weight)
         if pruned.bias is not None:
             _write_bias(target, pruned.bias)
-        records.append(record_of(target, pruned.weight, pattern, bias_changed=pruned.bias is not None))
+        records.append(record_of(target, pruned.weight, own_pattern, bias_changed=pruned.bias is not None))
     return records
 
 

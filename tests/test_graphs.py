@@ -78,28 +78,21 @@ def test_conv_with_three_input_channels_skipped_on_request(tmp_path):
     assert_runs_like(out, source)
 
 
-def test_weight_through_transpose(tmp_path):
-    source, out, report = prune_2_4(tmp_path, transpose_matmul_model())
-    weights = initializers(out)
+@pytest.mark.parametrize("build, dtype, shape, k_axis", [
+    (transpose_matmul_model, np.float32, (48, 32), 1),  # stored [N, K]: K is axis 1 behind Transpose(perm=[1,0])
+    (cast_fp16_model, np.float16, (32, 48), 0),  # fp16 [K, N] read through Cast(to=FLOAT): stays fp16
+], ids=["transpose", "cast-fp16"])
+def test_weight_through_transpose_or_cast(tmp_path, build, dtype, shape, k_axis):
+    source, out, report = prune_2_4(tmp_path, build())
+    before, after = initializers(source), initializers(out)
     assert [t["name"] for t in report["targets"]] == ["layers.0.weight", "layers.1.weight"]
-    assert weights["layers.0.weight"].shape == (48, 32)  # stored [N, K]: K is axis 1 after the Transpose
-    assert_nm(weights["layers.0.weight"], 1, 2, 4)
-    assert_not_nm(weights["layers.0.weight"], 0)
-    assert_nm(weights["layers.1.weight"], 0, 2, 4)
-    assert_runs_like(out, source)
-
-
-def test_fp16_weight_through_cast(tmp_path):
-    source, out, report = prune_2_4(tmp_path, cast_fp16_model())
-    weights = initializers(out)
-    assert [t["name"] for t in report["targets"]] == ["layers.0.weight", "layers.1.weight"]
-    fp16 = weights["layers.0.weight"]
-    assert fp16.dtype == np.float16 and fp16.shape == (32, 48)
-    assert_nm(fp16, 0, 2, 4)
-    # the kept weights are the original fp16 values, untouched by the float32 round trip
-    original = initializers(source)["layers.0.weight"]
-    kept = fp16 != 0
-    assert (fp16[kept] == original[kept]).all()
+    first = after["layers.0.weight"]
+    assert first.dtype == dtype and first.shape == shape
+    assert_nm(first, k_axis, 2, 4)
+    assert_not_nm(first, 1 - k_axis)
+    kept = first != 0  # kept weights hold their exact stored values (no lossy dtype round trip)
+    assert (first[kept] == before["layers.0.weight"][kept]).all()
+    assert_nm(after["layers.1.weight"], 0, 2, 4)
     assert_runs_like(out, source)
 
 
