@@ -15,7 +15,7 @@ from onnxprune.allocation import outlier_ratio, owl_sparsities
 from onnxprune.calibration import calibrate, group_by_block
 from onnxprune.errors import UserError
 from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
-from onnxprune.passes import Layer, PruningPass, get_pass
+from onnxprune.passes import Layer, NotApplicable, PruningPass, get_pass
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
 from onnxprune.samples import CalibrationOptions, calibration_samples
@@ -111,10 +111,14 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
             report.allocation = owl_allocation(model, selected, options, samples)
         patterns = {t.name: Pattern(report.allocation[_block_key(t)]) for t in selected}
     if method.needs:
-        report.targets = _calibrate_and_prune(model, selected, method, options, timer, samples, patterns)
+        report.targets = _calibrate_and_prune(model, selected, method, options, timer, samples, patterns,
+                                              report.skipped)
     else:
         with timer.stage("prune"):
-            report.targets = prune_targets(selected, method, options.pattern, options.seed, patterns=patterns)
+            report.targets = prune_targets(selected, method, options.pattern, options.seed, patterns=patterns,
+                                           skipped=report.skipped)
+    if not report.targets:
+        raise UserError(f"{method.name} is not applicable to any selected layer: {report.skipped[0]['reason']}")
     stamp_provenance(model, report)
     with timer.stage("save"):
         save_model(model, output, options.external_data)
@@ -161,7 +165,8 @@ def _block_key(target: Target) -> str:
 
 
 def _calibrate_and_prune(model: ir.Model, targets: list[Target], method: PruningPass, options: PruneOptions,
-                         timer: StageTimer, samples: CalibrationSource, patterns: dict[str, Pattern] | None) -> list[TargetRecord]:
+                         timer: StageTimer, samples: CalibrationSource, patterns: dict[str, Pattern] | None,
+                         skipped: list[dict]) -> list[TargetRecord]:
     """Statistics from a file, or gathered in onnxruntime (sequentially by default), then the pass."""
     calib = options.calibration
     stats = samples.stats_file()
@@ -177,13 +182,15 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], method: Pruning
                 raise UserError(f"{calib.stats_file} has statistics of K={widths.pop()} for {target.node_name}, "
                                 f"whose weight has K={target.layout.in_features}: it was computed for another model")
         with timer.stage("prune"):
-            return prune_targets(targets, method, options.pattern, options.seed, stats, patterns=patterns)
+            return prune_targets(targets, method, options.pattern, options.seed, stats, patterns=patterns,
+                                 skipped=skipped)
     records: list[TargetRecord] = []
+    position = {id(t): index for index, t in enumerate(targets)}
 
     def prune_group(group: list[Target], stats: dict[str, dict]) -> None:
         with timer.stage("prune"):
-            records.extend(prune_targets(group, method, options.pattern, options.seed, stats, first_index=len(records),
-                                         patterns=patterns))
+            records.extend(prune_targets(group, method, options.pattern, options.seed, stats,
+                                         first_index=position[id(group[0])], patterns=patterns, skipped=skipped))
 
     groups = group_by_block(targets) if calib.sequential else [targets]
     start = time.perf_counter()
@@ -233,15 +240,22 @@ def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -
 
 def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, seed: int,
                   stats: dict[str, dict] | None = None, first_index: int = 0,
-                  patterns: dict[str, Pattern] | None = None) -> list[TargetRecord]:
-    """Run `method` on each target (with its own pattern from `patterns`, if given);
-    `first_index` keeps per-target seeds stable across groups."""
+                  patterns: dict[str, Pattern] | None = None, skipped: list[dict] | None = None) -> list[TargetRecord]:
+    """Run `method` on each target (with its own pattern from `patterns`, if given); layers the
+    method cannot handle go to `skipped` with the reason. `first_index` keeps per-target seeds
+    stable across groups."""
     records = []
     for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
         layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]),
                       stats.get(target.name) if stats else None)
         own_pattern = patterns[target.name] if patterns else pattern
-        pruned = method.prune(layer, own_pattern)
+        try:
+            pruned = method.prune(layer, own_pattern)
+        except NotApplicable as reason:
+            if skipped is None:
+                raise
+            skipped.append({"name": target.name, "node": target.node_name, "reason": f"not applicable: {reason}"})
+            continue
         target.write(pruned.weight)
         if pruned.bias is not None:
             _write_bias(target, pruned.bias)

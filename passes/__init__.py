@@ -1,7 +1,7 @@
 """Pruning passes. Adding a method = adding one module here that defines a `PruningPass`
 subclass decorated with `@register`."""
 
-from onnxprune.passes.base import Layer, Pruned, PruningPass, ScorePass
+from onnxprune.passes.base import Layer, NeuronPass, NotApplicable, Pruned, PruningPass, ScorePass
 from onnxprune.passes.registry import available, get_pass, register
 
-__all__ = ["Layer", "Pruned", "PruningPass", "ScorePass", "available", "get_pass", "register"]
+__all__ = ["Layer", "NeuronPass", "NotApplicable", "Pruned", "PruningPass", "ScorePass", "available", "get_pass", "register"]

@@ -34,6 +34,11 @@ class Pruned:
     bias: np.ndarray | None = None  # set only when the pass changed the bias
 
 
+class NotApplicable(Exception):
+    """Raised by a pass for a layer it cannot prune (the message is the reason); the layer stays
+    dense and the report lists it."""
+
+
 class PruningPass(ABC):
     """Base of all methods. Subclasses set `name`, `summary` and implement `prune`."""
 
@@ -61,4 +66,20 @@ class ScorePass(PruningPass):
         mask = select_lowest(self.score(layer), pattern, self.per_output)
         weight = layer.weight
         weight[mask] = 0.0
+        return Pruned(weight)
+
+
+class NeuronPass(PruningPass):
+    """A method that ranks whole output neurons: the ⌊out·s⌋ lowest rows are zeroed."""
+
+    @abstractmethod
+    def neuron_scores(self, layer: Layer) -> np.ndarray: ...
+
+    def prune(self, layer: Layer, pattern: Pattern) -> Pruned:
+        if pattern.is_nm:
+            raise NotApplicable(f"{self.name} ranks whole neurons, which cannot form an N:M pattern")
+        scores = self.neuron_scores(layer)
+        rows = select_lowest(scores[:, None], pattern, per_output=False)[:, 0]
+        weight = layer.weight
+        weight[rows] = 0.0
         return Pruned(weight)
