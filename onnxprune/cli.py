@@ -157,6 +157,47 @@ def calibrate(
 
 
 @app.command()
+def sweep(
+    model: Path = typer.Argument(..., help="Dense ONNX causal LM."),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Directory for results.jsonl, table.md, timing.md, samples.md, ppl_vs_level.png."),
+    methods: str = typer.Option("magnitude,wanda,sparsegpt", "--methods", help="Comma-separated methods."),
+    levels: str = typer.Option("0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,0.99", "--levels", help="Comma-separated unstructured sparsities."),
+    patterns: str = typer.Option("", "--patterns", help="Comma-separated N:M patterns, e.g. 2:4,4:8."),
+    calib: Optional[str] = CALIB_OPTION,
+    eval_source: str = typer.Option("wikitext2", "--eval", help="Perplexity text: wikitext2, c4, ptb, or a .txt / .jsonl file."),
+    nsamples: int = NSAMPLES_OPTION,
+    seqlen: int = SEQLEN_OPTION,
+    tokenizer: Optional[Path] = TOKENIZER_OPTION,
+    prompt: str = typer.Option("University is", "--prompt", help="Prompt for the greedy samples."),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=0, help="Tokens per sample."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
+    one_shot: bool = typer.Option(False, "--one-shot", help="Dense statistics computed once and shared by every cell."),
+    keep_models: bool = typer.Option(False, "--keep-models", help="Keep every pruned model in OUT/models."),
+) -> None:
+    """Methods × levels (and N:M patterns): perplexity table, timing, samples and a plot; resumable."""
+    from onnxprune.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(_split(methods), [_float(v, "--levels") for v in _split(levels)], _split(patterns), calib,
+                         eval_source, out_dir, nsamples, seqlen, _optional_str(tokenizer), prompt, max_new_tokens,
+                         max_windows, one_shot, keep_models)
+    results = run_sweep(_existing_model(model), config)
+    failed = [r for r in results if r["status"] == "error"]
+    stdout.print(f"{len(results)} cells in {out_dir}/results.jsonl ({len(failed)} failed); tables in "
+                 f"{out_dir}/table.md, timing.md, samples.md; plot {out_dir}/ppl_vs_level.png")
+
+
+def _split(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def _float(value: str, option: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"{option}: {value!r} is not a number") from None
+
+
+@app.command()
 def methods() -> None:
     """List the pruning methods."""
     from onnxprune.passes import available
@@ -251,6 +292,8 @@ def _default_output(model: Path, method: str, pattern: str, sparsity: float) -> 
 
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
+    if not (sys.argv[1:] if argv is None else argv):
+        argv = ["--help"]  # bare `onnxprune` shows the commands, as no_args_is_help means
     try:
         result = command.main(args=argv, prog_name="onnxprune", standalone_mode=False)
     except UserError as exc:

@@ -12,7 +12,9 @@ the minimiser of E(w_P x_P − δ x_K)² + λ‖δ‖². When the layer has (or 
 centred covariance XᵀX/n − μμᵀ and `b += w_P·μ_P − δ·μ_K` takes the mean of the removed
 contribution: jointly optimal in (δ, b). Without a bias C = XᵀX/n, so δ must carry the mean too.
 λ = damp·mean(diag C). All rows are solved together by conjugate gradients on the
-Jacobi-scaled system, one [rows, K] @ [K, K] float32 matmul per iteration.
+Jacobi-scaled system, one [rows, K] @ [K, K] float32 matmul per iteration. There is no data-free
+variant: without statistics the only neutral assumption is C = I, whose C_KP = 0 moves nothing,
+so it would be `magnitude-output` under another name.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class Mama(Wanda):
             iterations += 1
             q = (p @ system) * kept
             pq = (p * q).sum(1)
-            alpha = torch.where(pq > 0, rr / pq, torch.zeros_like(rr))  # converged rows: p = 0
+            alpha = torch.where(pq > 0, rr / pq, torch.zeros_like(rr))  # rows with nothing to move: p = 0
             x += alpha[:, None] * p
             r -= alpha[:, None] * q
             rr_next = (r * r).sum(1)
@@ -107,7 +109,7 @@ class Mama(Wanda):
         # The true residual (float32 recurrences drift from it), relative, worst row.
         true = (((rhs - (x @ system) * kept).norm(dim=1)) / rhs.norm(dim=1).clamp_min(1e-30)).max()
         self.last_solve = {"iterations": iterations, "residual": float(true)}
-        if iterations == self.max_iter or bad.any():
+        if bool((rr.sqrt() > target).any()) or bad.any():
             warnings.warn(f"mama: conjugate gradients stopped after {iterations} iterations at relative "
                           f"residual {float(true):.1e} ({int(bad.sum())} rows reset to no move)", stacklevel=3)
         return x

@@ -29,6 +29,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from onnxprune.cli import main  # noqa: E402
 
+pytest_plugins = ["lm_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
 

@@ -1,0 +1,257 @@
+"""`sweep`: methods × sparsity levels (and N:M patterns) → the paper's tables and figure.
+
+Every cell prunes the dense model, measures perplexity on the evaluation text and greedy-decodes
+the prompt, then appends one line to results.jsonl; a re-run skips the cells already there. The
+calibration windows and evaluation tokens are prepared once; with --one-shot the statistics too,
+and every cell reuses them (sequential statistics depend on the pruned prefix, so each cell
+gathers its own). A failing cell is recorded with its error and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.data import evaluation_ids, load_tokenizer
+from onnxprune.errors import UserError, first_line
+from onnxprune.evaluate import perplexity_of_ids
+from onnxprune.generate import greedy_generate
+from onnxprune.model_io import load_model, resolve_model_path
+from onnxprune.passes import available
+from onnxprune.patterns import parse_pattern
+from onnxprune.pipeline import PruneOptions, apply, calibrate_to_file
+from onnxprune.progress import progress_bar
+from onnxprune.report import markdown_table, write_text_atomic
+from onnxprune.samples import CalibrationOptions, calibration_samples
+
+DENSE = "dense"
+STATISTICS = "statistics"  # the one-shot statistics, computed once: a line of its own in results.jsonl
+
+
+@dataclass
+class SweepConfig:
+    methods: list[str]
+    levels: list[float]
+    patterns: list[str]
+    calib: str | None
+    eval_source: str
+    out_dir: Path
+    nsamples: int = 128
+    seqlen: int = 2048
+    tokenizer: str | None = None
+    prompt: str = "University is"
+    max_new_tokens: int = 20
+    max_windows: int | None = None
+    one_shot: bool = False
+    keep_models: bool = False
+    seed: int = 0
+
+    def cells(self) -> list[tuple[str, str]]:
+        labels = [f"{level:g}" for level in self.levels] + self.patterns
+        return [(DENSE, "0")] + [(method, label) for method in self.methods for label in labels]
+
+
+def validate(config: SweepConfig) -> None:
+    unknown = [m for m in config.methods if m not in available()]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(available())}")
+    for level in config.levels:
+        parse_pattern(None, level)
+    for pattern in config.patterns:
+        parse_pattern(pattern, None)
+    if not config.methods:
+        raise UserError("--methods is empty")
+
+
+def run_sweep(model_path: str | Path, config: SweepConfig) -> list[dict]:
+    validate(config)
+    model_path = resolve_model_path(model_path)
+    out = config.out_dir
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {(r["method"], r["label"]) for r in read_results(results_path)}
+    todo = [cell for cell in config.cells() if cell not in done]
+    if todo:
+        tokenizer = load_tokenizer(model_path, config.tokenizer)
+        eval_ids = evaluation_ids(tokenizer, config.eval_source, config.seqlen)
+        shared = _shared_calibration(model_path, config, todo, results_path)
+        for method, label in progress_bar(todo, "sweep cells"):
+            record = _run_cell(model_path, config, method, label, tokenizer, eval_ids, shared)
+            _append(results_path, record)
+    results = read_results(results_path)
+    write_outputs(results, config)
+    return results
+
+
+def _shared_calibration(model_path: Path, config: SweepConfig, todo: list[tuple[str, str]], results_path: Path) -> dict:
+    """Calibration windows written once as .npz feeds; with --one-shot also one statistics file."""
+    needs_data = any(method != DENSE and available()[method].needs for method, _ in todo)
+    if not needs_data:
+        return {}
+    if config.calib is None:
+        raise UserError("the methods need calibration data: pass --calib")
+    calib_file = config.out_dir / "calibration.npz"
+    if not calib_file.exists():
+        inputs = [v.name for v in load_model(model_path).graph.inputs if not v.is_initializer()]
+        samples = calibration_samples(model_path, inputs, CalibrationOptions(
+            config.calib, config.nsamples, config.seqlen, config.tokenizer, config.seed))
+        np.savez(calib_file, **{name: np.concatenate([s[name] for s in samples]) for name in samples[0]})
+    shared = {"calib": str(calib_file)}
+    if config.one_shot:
+        stats_file = config.out_dir / "statistics.npz"
+        if not stats_file.exists():
+            summary = calibrate_to_file(model_path, stats_file, CalibrationOptions(str(calib_file), config.nsamples),
+                                        None, None, None)
+            _append(results_path, {"method": STATISTICS, "label": "one-shot", "status": "ok",
+                                   "seconds": summary["seconds"], "samples": summary["samples"]})
+        shared["stats"] = str(stats_file)
+    return shared
+
+
+def _run_cell(model_path: Path, config: SweepConfig, method: str, label: str, tokenizer, eval_ids: np.ndarray,
+              shared: dict) -> dict:
+    record = {"method": method, "label": label, "level": parse_pattern(*_pattern_args(label)).sparsity}
+    started = time.perf_counter()
+    pruned_path = model_path
+    try:
+        if method != DENSE:
+            pattern = parse_pattern(*_pattern_args(label))
+            pruned_path = config.out_dir / "models" / f"{method}-{label.replace(':', 'of')}.onnx"
+            calibration = CalibrationOptions(shared.get("calib"), config.nsamples, config.seqlen, config.tokenizer,
+                                             config.seed, not config.one_shot, shared.get("stats"))
+            report = apply(model_path, pruned_path, PruneOptions(method, pattern, seed=config.seed,
+                                                                 calibration=calibration))
+            timings = report.timings_s
+            record.update({"sparsity": report.totals["sparsity"], "targets": report.totals["targets"],
+                           "calibrate_s": timings.get("calibrate", 0.0) + timings.get("load_stats", 0.0),
+                           "prune_s": timings.get("prune", 0.0),
+                           "not_applicable": [s["node"] for s in report.skipped if "not applicable" in s["reason"]]})
+        ppl = perplexity_of_ids(pruned_path, eval_ids, config.seqlen, max_windows=config.max_windows)
+        record["perplexity"] = ppl.perplexity
+        record["sample"] = greedy_generate(pruned_path, tokenizer, config.prompt, config.max_new_tokens)
+        record["status"] = "ok"
+    except UserError as exc:
+        not_applicable = "not applicable" in str(exc)
+        record.update({"status": "na" if not_applicable else "error", "error": str(exc)})
+    except Exception as exc:  # a broken cell must not stop the sweep
+        record.update({"status": "error", "error": f"{type(exc).__name__}: {first_line(exc)}"})
+    finally:
+        if pruned_path != model_path and not config.keep_models:
+            pruned_path.unlink(missing_ok=True)
+            pruned_path.with_name(pruned_path.name + ".data").unlink(missing_ok=True)
+    record["seconds"] = time.perf_counter() - started
+    return record
+
+
+def _pattern_args(label: str):
+    return (label, None) if ":" in label else (None, float(label))
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    results = []
+    for line in path.read_text().splitlines():
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: that cell runs again
+    return results
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(record) + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(results: list[dict], config: SweepConfig) -> None:
+    by_cell = {(r["method"], r["label"]): r for r in results}
+    labels = [f"{level:g}" for level in config.levels] + config.patterns
+    dense = by_cell.get((DENSE, "0"))
+    rows = [["0 (dense)"] + [_cell_text(dense)] * len(config.methods)] if dense else []
+    rows += [[label] + [_cell_text(by_cell.get((m, label))) for m in config.methods] for label in labels]
+    write_text_atomic(config.out_dir / "table.md", "# Perplexity by pruning level\n\n"
+                      + markdown_table(["level"] + config.methods, rows) + "\n" + _notes(results))
+    timing_rows = []
+    for method in config.methods:
+        cells = [by_cell[(method, label)] for label in labels if by_cell.get((method, label), {}).get("status") == "ok"]
+        if cells:
+            calibrate = np.mean([c["calibrate_s"] for c in cells])
+            prune = np.mean([c["prune_s"] for c in cells])
+            timing_rows.append([method, len(cells), f"{calibrate:.3f}", f"{prune:.3f}", f"{calibrate + prune:.3f}"])
+        else:
+            timing_rows.append([method, 0, "-", "-", "-"])
+    shared_stats = by_cell.get((STATISTICS, "one-shot"))
+    note = (f"\nOne-shot statistics were computed once in {shared_stats['seconds']:.3f} s and shared by every cell; "
+            "calibration above is the time to load them.\n") if shared_stats else ""
+    write_text_atomic(config.out_dir / "timing.md", "# Wall time per method (mean per cell, seconds)\n\n"
+                      + markdown_table(["method", "cells", "calibration", "pruning", "total"], timing_rows) + "\n"
+                      + note)
+    sections = ["# Greedy samples", ""]
+    for method in config.methods:
+        sections += [f"## {method}", "", markdown_table(
+            ["level", "perplexity", "text"],
+            ([["0 (dense)", _ppl(dense), dense.get("sample", "")]] if dense else [])
+            + [[label, _ppl(by_cell.get((method, label))), (by_cell.get((method, label)) or {}).get("sample", "")]
+               for label in labels]), ""]
+    write_text_atomic(config.out_dir / "samples.md", "\n".join(sections))
+    _plot(by_cell, config)
+
+
+def _cell_text(record: dict | None) -> str:
+    if record is None:
+        return "pending"
+    if record["status"] == "ok":
+        return _ppl(record)
+    return "NA" if record["status"] == "na" else "error"
+
+
+def _ppl(record: dict | None) -> str:
+    if not record or "perplexity" not in record:
+        return "-"
+    value = record["perplexity"]
+    return f"{value:.3f}" if math.isfinite(value) and value < 1e6 else f"{value:.3e}"
+
+
+def _notes(results: list[dict]) -> str:
+    notes = [f"- {r['method']} at {r['label']}: {r['status']}: {r.get('error', '')}" for r in results
+             if r["status"] != "ok"]
+    return ("\nCells without a perplexity:\n\n" + "\n".join(notes) + "\n") if notes else ""
+
+
+def _plot(by_cell: dict, config: SweepConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for method in config.methods:
+        points = [(lv, by_cell[(method, f"{lv:g}")]["perplexity"]) for lv in config.levels
+                  if by_cell.get((method, f"{lv:g}"), {}).get("status") == "ok"]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=method)
+    dense = by_cell.get((DENSE, "0"))
+    if dense and dense.get("status") == "ok":
+        axes.axhline(dense["perplexity"], color="grey", linestyle="--", label="dense")
+    axes.set_yscale("log")
+    axes.set_xlabel("sparsity (fraction of weights pruned)")
+    axes.set_ylabel("perplexity (log scale)")
+    axes.legend()
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    staging = config.out_dir / ".ppl_vs_level.png"
+    figure.savefig(staging, dpi=120)
+    plt.close(figure)
+    os.replace(staging, config.out_dir / "ppl_vs_level.png")
