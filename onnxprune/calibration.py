@@ -90,13 +90,18 @@ def calibrate(model: ir.Model, groups: list[list[Target]], samples: list[Sample]
     segments = plan_segments(model.graph, groups)
     cache: dict[str, list[np.ndarray]] = {}
     all_stats: dict[str, dict] = {}
-    for index, segment in enumerate(progress_bar(segments, "calibrating blocks")):
-        feeds = [{name: cache[name][i] if name in cache else samples[i][name] for name in segment.inputs}
-                 for i in range(len(samples))]
+    for index in progress_bar(range(len(segments)), "calibrating blocks"):
+        segment = segments[index]
+        feeds = _feeds(segment, cache, samples)
         stats = _segment_statistics(model, segment, feeds, needs, providers)
         all_stats.update(stats)
         if prune_group is not None:
+            nodes_before = len(model.graph)
             prune_group(segment.targets, stats)
+            if len(model.graph) != nodes_before:  # a pass added nodes (a new bias): cut the graph anew
+                segments = plan_segments(model.graph, groups)
+                segment = segments[index]
+                feeds = _feeds(segment, cache, samples)
         if segment.boundary:
             session = _session(model, segment, segment.boundary, feeds[0], providers)
             outputs = [_run(session, segment.boundary, f, segment) for f in feeds]
@@ -106,6 +111,11 @@ def calibrate(model: ir.Model, groups: list[list[Target]], samples: list[Sample]
         for name in [n for n in cache if n not in needed_later]:
             del cache[name]
     return all_stats
+
+
+def _feeds(segment: Segment, cache: dict[str, list[np.ndarray]], samples: list[Sample]) -> list[Sample]:
+    return [{name: cache[name][i] if name in cache else samples[i][name] for name in segment.inputs}
+            for i in range(len(samples))]
 
 
 def _segment_statistics(model, segment: Segment, feeds: list[Sample], needs, providers) -> dict[str, dict]:

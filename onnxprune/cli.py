@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -17,12 +16,12 @@ from onnxprune import __version__
 from onnxprune.errors import UserError, first_line
 
 try:  # typer >= 0.20 parses with its own copy of click, whose exceptions are not click's
-    from typer._click import exceptions as _typer_click
+    from typer._click import exceptions as _click_exceptions
 except ImportError:  # older typer runs on click itself
-    _typer_click = click.exceptions
-_USAGE_ERRORS = (click.UsageError, _typer_click.UsageError)
-_CLICK_ERRORS = (click.ClickException, _typer_click.ClickException)
-_ABORTS = (click.exceptions.Abort, typer.Abort)
+    from click import exceptions as _click_exceptions
+_USAGE_ERRORS = (_click_exceptions.UsageError,)
+_CLICK_ERRORS = (_click_exceptions.ClickException,)
+_ABORTS = (getattr(_click_exceptions, "Abort", typer.Abort), typer.Abort)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Prune neural networks as ONNX graphs.")
@@ -55,6 +54,8 @@ def apply(
     one_shot: bool = typer.Option(False, "--one-shot", help="Gather all statistics on the dense model instead of block by block."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics from `onnxprune calibrate` (one-shot) instead of --calib."),
     allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl: per-block sparsity from outlier Wanda scores (needs --calib or --stats)."),
+    data_free: bool = typer.Option(False, "--data-free", help="mama: choose the mask from |W| alone (the move still uses calibration statistics)."),
+    add_bias: bool = typer.Option(False, "--add-bias", help="mama: add a bias where a layer has none, to take the removed weights' mean."),
 ) -> None:
     """Prune MODEL's weights and write a new ONNX model."""
     from onnxprune.patterns import parse_pattern
@@ -70,7 +71,7 @@ def apply(
     if allocation not in ("uniform", "owl"):
         raise UserError(f"--allocation must be uniform or owl, got {allocation!r}")
     result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed,
-                                                   external_data, calibration, allocation))
+                                                   external_data, calibration, allocation, data_free, add_bias))
     if report:
         write_report(result, report)
     totals = result.totals
@@ -184,6 +185,42 @@ def sweep(
     failed = [r for r in results if r["status"] == "error"]
     stdout.print(f"{len(results)} cells in {out_dir}/results.jsonl ({len(failed)} failed); tables in "
                  f"{out_dir}/table.md, timing.md, samples.md; plot {out_dir}/ppl_vs_level.png")
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Dense twin: speed-up = its p50 / MODEL's p50, measured in the same rounds."),
+    providers: str = typer.Option("cpu", "--providers", help="Comma-separated: cpu, cuda, tensorrt (missing ones are reported, not fatal)."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes, e.g. 1,8."),
+    seqlen: int = typer.Option(128, "--seqlen", min=1, help="Length of sequence-like input dimensions."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs per model before timing."),
+    runs: int = typer.Option(30, "--runs", min=1, help="Timed runs per model."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", min=0, help="Stop timing a cell after this long (at least one run)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads (default: one per core)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Real input tensors (.npz named after the model's inputs, first axis = samples)."),
+    fp16: bool = typer.Option(False, "--fp16", help="TensorRT: allow fp16 kernels (trt_fp16_enable)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0, help="Outputs check vs CPU: max |diff| <= tolerance * max(1, max |CPU output|) (default 1e-3, 1e-2 with --fp16)."),
+    gemm24: bool = typer.Option(False, "--gemm24", help="Also time MODEL's 2:4 weights as torch semi-structured sparse GEMMs (CUDA only)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for bench.json and bench.md."),
+) -> None:
+    """Latency per execution provider and batch size: p50/p90, throughput, speed-up vs a dense baseline."""
+    from onnxprune.runtime_bench.latency import BenchOptions, parse_batches, run_bench
+    from onnxprune.runtime_bench.providers import ProviderSettings, parse_providers
+    from onnxprune.runtime_bench.report import bench_markdown, write_bench
+
+    options = BenchOptions(parse_providers(providers), parse_batches(batch), seqlen, warmup, runs, max_seconds,
+                           ProviderSettings(threads, fp16), _optional_str(inputs), tolerance)
+    path = _existing_model(model)
+    result = run_bench(path, None if baseline is None else _existing_model(baseline), options)
+    if gemm24:
+        from onnxprune.runtime_bench.gemm24 import bench_gemm24
+
+        result["gemm24"] = bench_gemm24(path, options.batches, seqlen, warmup, runs)
+    print(bench_markdown(result), end="")
+    if output:
+        json_path, md_path = write_bench(result, output)
+        stdout.print(f"wrote {json_path} and {md_path}")
 
 
 def _split(values: str) -> list[str]:

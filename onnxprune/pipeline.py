@@ -21,7 +21,7 @@ from onnxprune.progress import progress_bar
 from onnxprune.samples import CalibrationOptions, calibration_samples
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS
-from onnxprune.targets import Target, discover_targets, select_targets
+from onnxprune.targets import Target, add_bias, discover_targets, select_targets
 
 
 @dataclass
@@ -35,6 +35,8 @@ class PruneOptions:
     external_data: bool | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     allocation: str = "uniform"  # or "owl"
+    data_free: bool = False  # methods that offer it choose their mask without activation statistics
+    add_bias: bool = False  # let bias-compensating methods add a bias where a layer has none
 
 
 @dataclass
@@ -91,7 +93,7 @@ class StageTimer:
 
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
     """Prune the model at `model_path` into `output_path`; the input file is never modified."""
-    method = get_pass(options.method)
+    method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
     output = check_output_path(model_path, output_path)
     timer = StageTimer()
     with timer.stage("load"):
@@ -116,7 +118,7 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
     else:
         with timer.stage("prune"):
             report.targets = prune_targets(selected, method, options.pattern, options.seed, patterns=patterns,
-                                           skipped=report.skipped)
+                                           skipped=report.skipped, add_bias=options.add_bias)
     if not report.targets:
         raise UserError(f"{method.name} is not applicable to any selected layer: {report.skipped[0]['reason']}")
     stamp_provenance(model, report)
@@ -183,14 +185,15 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], method: Pruning
                                 f"whose weight has K={target.layout.in_features}: it was computed for another model")
         with timer.stage("prune"):
             return prune_targets(targets, method, options.pattern, options.seed, stats, patterns=patterns,
-                                 skipped=skipped)
+                                 skipped=skipped, add_bias=options.add_bias)
     records: list[TargetRecord] = []
     position = {id(t): index for index, t in enumerate(targets)}
 
     def prune_group(group: list[Target], stats: dict[str, dict]) -> None:
         with timer.stage("prune"):
             records.extend(prune_targets(group, method, options.pattern, options.seed, stats,
-                                         first_index=position[id(group[0])], patterns=patterns, skipped=skipped))
+                                         first_index=position[id(group[0])], patterns=patterns, skipped=skipped,
+                                         add_bias=options.add_bias))
 
     groups = group_by_block(targets) if calib.sequential else [targets]
     start = time.perf_counter()
@@ -240,14 +243,16 @@ def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -
 
 def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, seed: int,
                   stats: dict[str, dict] | None = None, first_index: int = 0,
-                  patterns: dict[str, Pattern] | None = None, skipped: list[dict] | None = None) -> list[TargetRecord]:
+                  patterns: dict[str, Pattern] | None = None, skipped: list[dict] | None = None,
+                  add_bias: bool = False) -> list[TargetRecord]:
     """Run `method` on each target (with its own pattern from `patterns`, if given); layers the
     method cannot handle go to `skipped` with the reason. `first_index` keeps per-target seeds
     stable across groups."""
     records = []
     for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
         layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]),
-                      stats.get(target.name) if stats else None)
+                      stats.get(target.name) if stats else None,
+                      allow_new_bias=add_bias and target.bias is None and len(target.consumers) == 1)
         own_pattern = patterns[target.name] if patterns else pattern
         try:
             pruned = method.prune(layer, own_pattern)
@@ -275,7 +280,8 @@ def record_of(target: Target, canonical: np.ndarray, pattern: Pattern | None, bi
 
 def _write_bias(target: Target, bias: np.ndarray) -> None:
     if target.bias is None:
-        raise RuntimeError(f"{target.name}: a pass returned a bias for a layer without one")
+        add_bias(target, bias)
+        return
     dtype = target.bias.const_value.dtype.numpy()
     target.bias.const_value = ir.Tensor(bias.astype(dtype), name=target.bias.name)
 

@@ -266,3 +266,38 @@ def _head_targets(graph: ir.Graph, targets: list[Target]) -> set[int]:
             continue
         stack += [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
     return heads
+
+
+def add_bias(target: Target, values: np.ndarray) -> None:
+    """Give a target without bias one: Gemm's C, Conv's B, or an Add right after a MatMul.
+
+    Only for a weight read by one node; the new initializer takes the dtype the node computes in.
+    """
+    if target.bias is not None or len(target.consumers) != 1:
+        raise ValueError(f"{target.node_name}: a bias can be added only to a single-use weight without one")
+    node = target.consumers[0].node
+    graph = node.graph
+    dtype = node.inputs[0].dtype or target.stored_dtype
+    name = f"{target.name}.added_bias"
+    if node.op_type == "Gemm":
+        values = values / node.attributes.get_float("beta", 1.0)  # Gemm adds beta·C
+    bias = ir.Value(name=name, const_value=ir.Tensor(values.astype(dtype.numpy()), name=name))
+    graph.register_initializer(bias)
+    if node.op_type in ("Gemm", "Conv"):
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, bias)
+    else:
+        product = node.outputs[0]
+        users = [(use.node, use.idx) for use in product.uses()]
+        add = ir.Node("", "Add", [product, bias], num_outputs=1, name=f"{node.name}/AddedBias")
+        for user, index in users:
+            user.replace_input_with(index, add.outputs[0])
+        if product.is_graph_output():  # the graph output keeps its name
+            position = list(graph.outputs).index(product)
+            add.outputs[0].name, product.name = product.name, f"{product.name}/before_bias"
+            graph.outputs[position] = add.outputs[0]
+        else:
+            add.outputs[0].name = f"{product.name}/biased"
+        graph.insert_after(node, add)
+    target.bias = bias

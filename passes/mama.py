@@ -12,9 +12,9 @@ the minimiser of E(w_P x_P − δ x_K)² + λ‖δ‖². When the layer has (or 
 centred covariance XᵀX/n − μμᵀ and `b += w_P·μ_P − δ·μ_K` takes the mean of the removed
 contribution: jointly optimal in (δ, b). Without a bias C = XᵀX/n, so δ must carry the mean too.
 λ = damp·mean(diag C). All rows are solved together by conjugate gradients on the
-Jacobi-scaled system, one [rows, K] @ [K, K] float32 matmul per iteration. There is no data-free
-variant: without statistics the only neutral assumption is C = I, whose C_KP = 0 moves nothing,
-so it would be `magnitude-output` under another name.
+Jacobi-scaled system, one [rows, K] @ [K, K] float32 matmul per iteration. `data_free` chooses the
+mask from |W| alone (no activation norms); the move still needs the statistics, since without them
+the only neutral assumption C = I has C_KP = 0 and moves nothing.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ class Mama(Wanda):
     tol = 1e-6  # CG stops when every row's residual is below tol·‖rhs‖
     max_iter = 300  # ~20-50 are needed on heavy-tailed, correlated inputs
 
-    def __init__(self, damp: float | None = None):
+    def __init__(self, damp: float | None = None, data_free: bool = False):
         if damp is not None:
             self.damp = damp
+        self.data_free = data_free
         self.last_solve: dict[str, float] = {}  # iterations and residual of the latest `move`
+
+    def score(self, layer: Layer) -> np.ndarray:
+        return np.abs(layer.weight) if self.data_free else super().score(layer)
 
     def prune(self, layer: Layer, pattern: Pattern) -> Pruned:
         mask = select_lowest(self.score(layer), pattern, self.per_output)

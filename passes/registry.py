@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 from onnxprune.errors import UserError
@@ -30,8 +31,14 @@ def available() -> dict[str, type[PruningPass]]:
     return dict(sorted(_PASSES.items()))
 
 
-def get_pass(name: str) -> PruningPass:
+def get_pass(name: str, **options) -> PruningPass:
+    """An instance of the method `name`; `options` (e.g. data_free=True) go to its constructor."""
     passes = available()
     if name not in passes:
         raise UserError(f"unknown method {name!r}; available: {', '.join(passes)}")
-    return passes[name]()
+    cls = passes[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    refused = [key for key in options if key not in accepted]
+    if refused:
+        raise UserError(f"method {name!r} takes no option {', '.join('--' + k.replace('_', '-') for k in refused)}")
+    return cls(**options)

@@ -78,11 +78,6 @@ def optimum_error(w, b, mask, x, lam: float = 0.0) -> float:
     return error(w, b, w_hat, b + shift, x)
 
 
-def centred_lambda(x, damp):
-    x64 = x.astype(np.float64)
-    return damp * float(np.mean(x64.var(0)))
-
-
 @pytest.mark.parametrize("label", PATTERNS)
 def test_move_beats_wanda_and_reaches_the_least_squares_optimum(label):
     pattern, x, (w, b) = PATTERNS[label], activations(0), dense(0)
@@ -94,7 +89,7 @@ def test_move_beats_wanda_and_reaches_the_least_squares_optimum(label):
     wanda = error(w, b, w_wanda, b, x)
     mama = error(w, b, w_mama, b_mama, x)
     best = optimum_error(w, b, mask, x)
-    ridge = optimum_error(w, b, mask, x, lam=centred_lambda(x, Mama.damp))
+    ridge = optimum_error(w, b, mask, x, lam=Mama.damp * float(x.astype(np.float64).var(0).mean()))
     w_exact, b_exact = prune(Mama(damp=0.0), w, b, x, pattern)
     exact = error(w, b, w_exact, b_exact, x)
     print(f"\n{label}: wanda {wanda:.4g}  mama {mama:.4g} (ridge reference {ridge:.4g})  "
@@ -219,3 +214,36 @@ def test_through_the_cli(tmp_path):
     moved = error(w, b, mama["layers.0.weight"], mama["layers.0.bias"], x)
     assert moved < 0.8 * error(w, b, wanda["layers.0.weight"], b, x)
     assert moved <= 1.05 * optimum_error(w, b, mask, x)
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+def test_add_bias_and_data_free_through_the_cli(tmp_path, op):
+    """--add-bias gives bias-less layers a bias (an Add after MatMul, Gemm's C) that takes the removed
+    weights' mean; --data-free keeps the |W| mask; both models run in onnxruntime."""
+    import onnxruntime as ort
+
+    model = save(chain_model([Dense(op, 32, 48, True), Dense(op, 48, 24, True)]), tmp_path / "m.onnx")
+    x = activations(8, tokens=128, k=32)
+    np.savez(tmp_path / "calib.npz", X=x)
+    outputs = {}
+    for tag, extra in {"plain": [], "biased": ["--add-bias"], "free": ["--data-free"]}.items():
+        out = tmp_path / f"{tag}.onnx"
+        cli("apply", model, "-m", "mama", "-s", "0.5", "--calib", tmp_path / "calib.npz", "-o", out, *extra).ok()
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        outputs[tag] = (initializers(out), session.run(None, {"X": x[:16]})[0])
+    assert {"layers.0.weight.added_bias", "layers.1.weight.added_bias"} <= set(outputs["biased"][0])
+    assert not any(name.endswith("added_bias") for name in outputs["plain"][0])
+    assert all(np.isfinite(o[1]).all() for o in outputs.values())
+    w = initializers(model)["layers.0.weight"]
+    rows = w if op == "Gemm" else w.T  # canonical [out, K]
+    # The first layer's statistics come straight from x: with the added bias its output error is lower.
+    canonical = {tag: (o[0]["layers.0.weight"] if op == "Gemm" else o[0]["layers.0.weight"].T) for tag, o in outputs.items()}
+    zero = np.zeros(len(rows), np.float32)
+    assert error(rows, None, canonical["biased"], outputs["biased"][0]["layers.0.weight.added_bias"], x) < \
+        error(rows, None, canonical["plain"], zero, x)
+    free = outputs["free"][0]["layers.0.weight"]
+    free_rows = free if op == "Gemm" else free.T
+    expected = np.argsort(np.abs(rows), axis=1)[:, :16]
+    assert np.array_equal(np.sort(np.argsort(free_rows == 0, axis=1, kind="stable")[:, -16:], 1), np.sort(expected, 1))
+    assert "takes no option --data-free" in cli("apply", model, "-m", "wanda", "-s", "0.5", "--data-free",
+                                                "--calib", tmp_path / "calib.npz", "-o", tmp_path / "w.onnx").err
