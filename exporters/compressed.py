@@ -65,6 +65,8 @@ def compress_weights(model: ir.Model, targets: list[Target] | None = None, min_s
     initializer of rank >= 2. A tensor is encoded when at least `min_sparsity` of it is zero and
     the encoding is smaller than the dense tensor. The model is changed in place.
     """
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise UserError(f"min_sparsity must be in [0, 1], got {min_sparsity:g}")
     graph = model.graph
     opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
@@ -122,7 +124,7 @@ class _Encoder:
         self.shared: dict[str, ir.Value] = {}
 
     def encode(self, value: ir.Value, min_sparsity: float) -> tuple[str | None, EncodedTensor | None]:
-        """Encode one initializer, or say why not ("dense" when it has too few zeros)."""
+        """Encode one initializer, or say why not ("dense" when it has no zeros at all)."""
         reason = self._unsupported(value)
         if reason:
             return reason, None
@@ -132,8 +134,10 @@ class _Encoder:
         extra = 8 * array.ndim + (8 if array.size % 8 else 0)  # per-tensor shape and slice end
         record = EncodedTensor(value.name, ENCODING, value.const_value.dtype.name, list(array.shape),
                                round(sparsity, 6), array.nbytes, mask.nbytes + nonzeros.nbytes + extra)
+        if sparsity == 0:
+            return "dense", None
         if sparsity < min_sparsity:
-            return ("dense" if sparsity == 0 else f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:g}"), None
+            return f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity:g}", None
         if record.encoded_bytes >= record.dense_bytes:
             return f"encoding ({record.encoded_bytes} B) is not smaller than dense ({record.dense_bytes} B)", None
         self._decoder(value, mask, nonzeros, array.shape)

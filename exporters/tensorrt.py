@@ -8,7 +8,7 @@ cores when every group of 4 consecutive weights along the reduction axis holds a
 tactics and keeps the faster one, so eligibility is necessary, not sufficient.
 
 Rules used here (the structured-sparsity section of the TensorRT developer guide,
-https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/io-formats-sparsity.html,
+https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library/io-formats-sparsity.html,
 and NVIDIA's answers in its issue tracker):
 
 Not eligible (`reasons`):
@@ -16,9 +16,10 @@ Not eligible (`reasons`):
   * K is not a multiple of 4 (Conv: input channels per group, C/g);
   * grouped convolution: "TRT does not consider sparse conv kernels for group convs"
     (github.com/NVIDIA/TensorRT/issues/4054);
-  * int8 weights with a non-zero zero point (their zeros are not zero codes).
+  * quantized weights with a non-zero zero point (TensorRT quantizes weights symmetrically);
+    2:4 validity of int8 codes is judged on code - zero_point, i.e. on the dequantized zeros.
 
-Eligible but likely slow (`notes`, `likely_fast` False):
+Eligible but likely slow (`notes`, `likely_fast` False; only said of eligible layers):
   * out % 8 or K % 16 (Conv: C/g % 16) not zero: the tensor-core alignment NVIDIA's own 2:4
     tool checks before pruning a layer (NVIDIA/apex, apex/contrib/sparsity/asp.py);
   * out < 256 or effective K < 256 (Conv: C/g x kernel area): "sparse conv kernels are faster
@@ -40,7 +41,8 @@ from onnxprune.targets import FLOAT_TYPES, Layout, Target, _trace_uses
 
 ALIGN_OUT, ALIGN_K = 8, 16
 LARGE_ENOUGH = 256
-DOCS = "https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/io-formats-sparsity.html"
+DOCS = ("https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library/"
+        "io-formats-sparsity.html")
 
 
 def tensorrt_eligibility(model: ir.Model, targets: list[Target], include_quantized: bool = True) -> list[dict]:
@@ -60,28 +62,29 @@ def _row(name: str, node: ir.Node, op: str, layout: Layout, canonical: np.ndarra
          extra_reasons: tuple[str, ...] = ()) -> dict:
     out, k = layout.out_features, layout.in_features
     run = layout.nm_group_extent  # the axis groups of 4 are laid along
-    run_label = f"K (input channels per group, C/g = {run})" if layout.kind == "conv" else f"K = {run}"
+    run_name = "C/g" if layout.kind == "conv" else "K"
     group = node.attributes.get_int("group", 1) if op == "Conv" else 1
-    valid = nm_valid(canonical, 2, 4)
+    valid = run % 4 == 0 and nm_valid(canonical, 2, 4)  # nm_valid alone would let groups straddle kernel taps
     reasons = list(extra_reasons)
     if run % 4:
-        reasons.append(f"{run_label} is not a multiple of 4")
+        where = "K runs along input channels per group, and C/g" if layout.kind == "conv" else "K"
+        reasons.append(f"{where} = {run} is not a multiple of 4")
     elif not valid:
         reasons.append("weight is not 2:4 along K (some group of 4 has fewer than 2 zeros)")
     if group > 1:
         reasons.append(f"grouped convolution (group={group}): TensorRT does not use sparse kernels for "
                        "group convs (NVIDIA/TensorRT#4054)")
     slow = []
-    if out % ALIGN_OUT or run % ALIGN_K:
-        slow.append(f"likely slow: tensor cores want out % {ALIGN_OUT} == 0 and K % {ALIGN_K} == 0 "
-                    f"(out = {out}, {run_label}; NVIDIA apex ASP skips such layers)")
-    if out < LARGE_ENOUGH or k < LARGE_ENOUGH:
+    if not reasons and (out % ALIGN_OUT or run % ALIGN_K):
+        slow.append(f"likely slow: tensor cores want out % {ALIGN_OUT} == 0 and {run_name} % {ALIGN_K} == 0 "
+                    f"(out = {out}, {run_name} = {run}; NVIDIA apex ASP skips such layers)")
+    if not reasons and (out < LARGE_ENOUGH or k < LARGE_ENOUGH):
         slow.append(f"likely slow: sparse kernels beat dense ones only when out and K are about "
                     f">= {LARGE_ENOUGH} (out = {out}, K = {k}; NVIDIA/TensorRT#3849)")
     info = []
     if op == "MatMul":
-        info.append("MatMul with a constant weight: TensorRT builds it as a GEMM and lists it as "
-                    "eligible for sparse math (NVIDIA/TensorRT#2169); TensorRT keeps the sparse tactic only if it times faster")
+        info.append("MatMul with a constant weight: TensorRT builds it as a GEMM and lists it as eligible for "
+                    "sparse math (NVIDIA/TensorRT#2169); it keeps the sparse tactic only if that times faster")
     return {"name": name, "node": node.name or name, "op": op, "shape": list(layout.stored_shape), "k": k,
             "out": out, "dtype": dtype, "quantized": quantized, "two_four_valid": valid,
             "eligible": not reasons, "likely_fast": not reasons and not slow,
@@ -94,14 +97,16 @@ def _quantized_rows(graph: ir.Graph) -> list[dict]:
     for node in graph:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
-        weight, source = _dequantized_weight(node)
-        if weight is None:
+        source = _dequantized_source(node)
+        if source is None:
             continue
-        zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+        weight = source.const_value.numpy()
+        zero_point = _zero_point(node, weight.ndim)
         extra = ()
-        if zero_point is not None and zero_point.const_value is not None \
-                and np.any(zero_point.const_value.numpy().astype(np.int64) != 0):
-            extra = ("int8 weight with a non-zero zero point: TensorRT needs symmetric weight quantization",)
+        if np.any(zero_point != 0):
+            extra = ("weight quantized with a non-zero zero point: TensorRT needs symmetric int8 weights",)
+        if source is node.inputs[0]:  # stored codes: a weight is zero where its code is the zero point
+            weight = weight.astype(np.int64) - zero_point
         uses, _ = _trace_uses(node.outputs[0], transposed=False, via=("DequantizeLinear",), rank=weight.ndim)
         for use in uses:
             layout = Layout(use.layout_kind, tuple(weight.shape))
@@ -110,21 +115,30 @@ def _quantized_rows(graph: ir.Graph) -> list[dict]:
     return rows
 
 
-def _dequantized_weight(node: ir.Node) -> tuple[np.ndarray | None, ir.Value | None]:
-    """The stored weight behind a DequantizeLinear: its int initializer, or the float one quantized
-    by a QuantizeLinear in front (zeros stay zeros through symmetric Q→DQ)."""
+def _dequantized_source(node: ir.Node) -> ir.Value | None:
+    """The initializer behind a DequantizeLinear: its integer input, or the float weight that a
+    QuantizeLinear in front quantizes (a float zero stays exactly zero through Q→DQ)."""
     x = node.inputs[0]
-    if x is None:
-        return None, None
-    producer = x.producer()
-    if producer is not None and producer.op_type == "QuantizeLinear":
+    producer = x.producer() if x is not None else None
+    quantized_here = producer is not None and producer.op_type == "QuantizeLinear"
+    if quantized_here:
         x = producer.inputs[0]
-    tensor = x.const_value if x is not None and x.is_initializer() else None
-    if tensor is None or len(tensor.shape) < 2:
-        return None, None
-    if producer is None and tensor.dtype in FLOAT_TYPES:
-        return None, None
-    return tensor.numpy(), x
+    if x is None or not x.is_initializer() or x.const_value is None or len(x.const_value.shape) < 2:
+        return None
+    return x if quantized_here or x.const_value.dtype not in FLOAT_TYPES else None
+
+
+def _zero_point(node: ir.Node, rank: int) -> np.ndarray:
+    """DequantizeLinear's zero point, broadcastable to its input (0 when absent)."""
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is None or value.const_value is None:
+        return np.zeros((), np.int64)
+    zero_point = value.const_value.numpy().astype(np.int64)
+    if zero_point.ndim == 1 and rank > 1:  # per-axis
+        shape = [1] * rank
+        shape[node.attributes.get_int("axis", 1) % rank] = -1
+        zero_point = zero_point.reshape(shape)
+    return zero_point
 
 
 def eligibility_markdown(rows: list[dict]) -> str:

@@ -1,1 +1,3 @@
-"""Latency benchmarks across onnxruntime execution providers (arrives with the bench command)."""
+"""Latency benchmarks (`onnxprune bench`): onnxruntime per execution provider (`providers`, `latency`)
+on synthetic or .npz inputs (`inputs`), torch 2:4 semi-structured GEMMs on CUDA (`gemm24`), and
+the JSON / Markdown results (`report`)."""

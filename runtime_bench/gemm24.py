@@ -5,16 +5,19 @@ sparse kernels. This backend measures the kernels directly: for every distinct [
 among MODEL's 2:4-valid MatMul / Gemm weights (canonical `W[out, K]`, 2 zeros in every 4 along
 K), `torch.nn.functional.linear(x, W)` dense vs with `W` converted by
 `torch.sparse.to_sparse_semi_structured` (cuSPARSELt when torch has it, else CUTLASS), in fp16,
-for x of [tokens = batch × seqlen, K]. Both are timed with CUDA events around ten back-to-back
-calls, in alternating rounds (latency.round_robin), and the sparse result is checked against the
-dense one. Needs a GPU of compute capability 8.0+ (Ampere or later); anywhere else the result
-says why it is unavailable.
+for x of [tokens = batch × seqlen, K]. Two modes: "eager" (F.linear called from Python, host
+overhead included; torch's cuSPARSELt path plans the matmul on every call, which on an H100 costs
+about a millisecond) and "graph" (the same call replayed from a CUDA graph: GPU time alone).
+Each is timed with CUDA events around ten back-to-back calls, in alternating rounds
+(latency.round_robin), and the sparse result is checked against the dense one. Needs a GPU of
+compute capability 8.0+ (Ampere or later); anywhere else the result says why it is unavailable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +26,7 @@ from onnxprune.errors import first_line
 from onnxprune.runtime_bench.latency import round_robin
 
 GEMM_OPS = ("MatMul", "Gemm")
+MODES = ("eager", "graph")
 _INNER = 10  # calls per timed sample: one event pair around ten GEMMs hides launch jitter
 
 
@@ -64,6 +68,9 @@ def unavailable_reason() -> str | None:
     if major < 8:
         return (f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no 2:4 sparse tensor "
                 "cores; they need 8.0 or later (Ampere, Ada, Hopper, Blackwell)")
+    if not torch.backends.cusparselt.is_available() and major != 8:
+        return (f"torch {torch.__version__} has no cuSPARSELt, and its CUTLASS 2:4 kernels run only on compute "
+                f"capability 8.x, not {major}.{minor}")
     return None
 
 
@@ -82,17 +89,23 @@ def bench_gemm24(model_path: str | os.PathLike, batches: list[int], seqlen: int,
     backend = "cuSPARSELt" if torch.backends.cusparselt.is_available() else "CUTLASS"
     tokens = [b * seqlen for b in batches]
     torch.manual_seed(0)
-    with _backend(backend):
-        rows = time_shapes(shapes, tokens, warmup, runs, "cuda", torch.float16, _semi_structured, _cuda_timer)
+    with _backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "prototype stage" warning on every conversion
+        rows = time_shapes(shapes, tokens, warmup, runs, "cuda", torch.float16, _semi_structured, _cuda_timer,
+                           _cuda_graph)
     return {"status": "ok", "backend": backend, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "dtype": "float16", "seqlen": seqlen, "rows": rows, "totals": totals(rows, shapes), **found}
 
 
 def time_shapes(shapes: list[dict], tokens: list[int], warmup: int, runs: int, device: str, dtype,
-                sparsify: Callable, timer: Callable) -> list[dict]:
-    """One row per (shape, tokens): p50 ms per dense and sparse linear, speed-up, and the sparse
-    result's relative error against the dense one. `sparsify` and `timer` are the CUDA pieces
-    (to_sparse_semi_structured, CUDA events); others (identity, latency.wall_timer) dry-run the same loop."""
+                sparsify: Callable, timer: Callable, capture: Callable | None = None) -> list[dict]:
+    """One row per (shape, tokens): the sparse result's relative error against the dense one, and
+    per mode p50 ms of the dense and the sparse linear and their ratio. Mode "eager" calls
+    F.linear from Python, as a torch program does (host work included: cuSPARSELt plans every
+    call); mode "graph" replays each call captured by `capture` in a CUDA graph (GPU work only,
+    what a captured or compiled deployment gets). `sparsify`, `timer` and `capture` are the CUDA
+    pieces (to_sparse_semi_structured, CUDA events, CUDA graphs); others (identity,
+    latency.wall_timer, None) dry-run the same loop on a CPU."""
     import torch
     import torch.nn.functional as F
 
@@ -108,34 +121,54 @@ def time_shapes(shapes: list[dict], tokens: list[int], warmup: int, runs: int, d
             row = {"out": shape["out"], "k": shape["k"], "tokens": count}
             x = torch.randn(count, shape["k"], device=device, dtype=dtype)
             try:
-                with torch.inference_mode():
+                with torch.no_grad():
                     dense_out, sparse_out = F.linear(x, weight), F.linear(x, sparse)
                     row["rel_error"] = float((sparse_out.float() - dense_out.float()).norm()
                                              / dense_out.float().norm().clamp_min(1e-30))
                     calls = {"dense": lambda: F.linear(x, weight), "sparse": lambda: F.linear(x, sparse)}
-                    samples, _ = round_robin(calls, warmup, runs, timer=timer)
+                    graphs = _captured(calls, capture, row)
+                    samples, _ = round_robin(calls | graphs, warmup, runs, timer=timer)
             except Exception as exc:
                 rows.append({**row, "error": first_line(exc)})
                 continue
-            row["dense_ms"], row["sparse_ms"] = (float(np.percentile(samples[k], 50)) * 1e3 for k in ("dense", "sparse"))
-            row["speedup"] = row["dense_ms"] / row["sparse_ms"] if row["sparse_ms"] > 0 else float("inf")
+            ms = {name: float(np.percentile(seconds, 50)) * 1e3 for name, seconds in samples.items()}
+            for mode, prefix in (("eager", ""), ("graph", "graph ")):
+                if f"{prefix}dense" in ms:
+                    dense, sparse_ms = ms[f"{prefix}dense"], ms[f"{prefix}sparse"]
+                    row[mode] = {"dense_ms": dense, "sparse_ms": sparse_ms, "speedup": _ratio(dense, sparse_ms)}
             rows.append(row)
     return rows
 
 
 def totals(rows: list[dict], shapes: list[dict]) -> list[dict]:
-    """Per token count: all 2:4 layers together (each shape's time × how many layers have it)."""
+    """Per token count and mode: all 2:4 layers together (each shape's time × how many layers have it)."""
     layers = {(s["out"], s["k"]): s["layers"] for s in shapes}
     out = []
     for count in dict.fromkeys(r["tokens"] for r in rows):
-        timed = [r for r in rows if r["tokens"] == count and "error" not in r]
-        if not timed:
-            continue
-        dense = sum(r["dense_ms"] * layers[(r["out"], r["k"])] for r in timed)
-        sparse = sum(r["sparse_ms"] * layers[(r["out"], r["k"])] for r in timed)
-        out.append({"tokens": count, "layers": sum(layers[(r["out"], r["k"])] for r in timed),
-                    "dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse if sparse > 0 else float("inf")})
+        for mode in MODES:
+            timed = [r for r in rows if r["tokens"] == count and mode in r]
+            if not timed:
+                continue
+            dense, sparse = (sum(r[mode][key] * layers[(r["out"], r["k"])] for r in timed)
+                             for key in ("dense_ms", "sparse_ms"))
+            out.append({"tokens": count, "mode": mode, "layers": sum(layers[(r["out"], r["k"])] for r in timed),
+                        "dense_ms": dense, "sparse_ms": sparse, "speedup": _ratio(dense, sparse)})
     return out
+
+
+def _captured(calls: dict[str, Callable], capture: Callable | None, row: dict) -> dict[str, Callable]:
+    """'graph NAME': a replay of each call captured in a CUDA graph; a failed capture is noted in `row`."""
+    if capture is None:
+        return {}
+    try:
+        return {f"graph {name}": capture(fn) for name, fn in calls.items()}
+    except Exception as exc:
+        row["graph_error"] = first_line(exc)
+        return {}
+
+
+def _ratio(dense: float, sparse: float) -> float:
+    return dense / sparse if sparse > 0 else float("inf")
 
 
 def _semi_structured(weight):
@@ -169,3 +202,20 @@ def _cuda_timer(fn: Callable) -> tuple[float, None]:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / _INNER, None
+
+
+def _cuda_graph(fn: Callable) -> Callable:
+    """fn captured in a CUDA graph; returns its replay. Warmed up on a side stream first, as
+    torch.cuda.graphs asks (cuSPARSELt plans and workspaces are made before the capture)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

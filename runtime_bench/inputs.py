@@ -44,6 +44,11 @@ class InputSpec:
                             "pass --inputs X.npz")
         return cls(arg.name, tuple(arg.shape), _DTYPES[arg.type])
 
+    def signature(self) -> str:
+        """'name: dtype[dims]' with symbolic dimensions as '?' (their names may differ between twins)."""
+        dims = ", ".join(str(d) if isinstance(d, int) else "?" for d in self.shape)
+        return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
+
 
 def resolve_dim(dim, axis: int, spec: InputSpec, batch: int, seqlen: int) -> int:
     """One dimension of `spec` as a number (see the module docstring)."""
@@ -96,11 +101,12 @@ class InputMaker:
         self._cache: dict[int, dict[str, np.ndarray]] = {}
 
     def check_signature(self, session, label: str) -> None:
-        """The baseline must take the same inputs as the model (it gets the same feeds)."""
-        names = sorted(arg.name for arg in session.get_inputs())
-        if names != sorted(s.name for s in self.specs):
-            raise UserError(f"{label} takes inputs {', '.join(names)}, the model "
-                            f"{', '.join(sorted(s.name for s in self.specs))}: is it the same network?")
+        """The baseline must take the same inputs (names, types, ranks, fixed sizes): it gets the same feeds."""
+        theirs = sorted(InputSpec.of(arg).signature() for arg in session.get_inputs())
+        ours = sorted(spec.signature() for spec in self.specs)
+        if theirs != ours:
+            raise UserError(f"{label} takes inputs {'; '.join(theirs)}, the model {'; '.join(ours)}: "
+                            "is it the same network?")
 
     def feeds(self, batch: int) -> dict[str, np.ndarray]:
         if batch not in self._cache:
@@ -112,7 +118,8 @@ class InputMaker:
         for spec in self.specs:
             array = self.arrays[spec.name]
             if array.ndim == 0 or len(array) == 0:
-                raise UserError(f"--inputs: {spec.name} has shape {list(array.shape)}; its first axis must hold samples")
+                raise UserError(f"--inputs: {spec.name} has shape {list(array.shape)}; "
+                                "its first axis must hold samples")
             fixed = spec.shape[0] if spec.shape else None
             if isinstance(fixed, int) and fixed != batch:
                 raise UserError(f"input {spec.name} has a fixed first dimension of {fixed}; use --batch {fixed}")
@@ -124,8 +131,8 @@ class InputMaker:
                   for s in self.specs}
         symbolic_batch = any(not isinstance(s.shape[0], int) for s in self.specs if s.shape)
         if not symbolic_batch and batch != 1:
-            raise UserError(f"the model's inputs have fixed shapes ({self.specs[0].name}: {list(self.specs[0].shape)}), "
-                            "no batch dimension; use --batch 1")
+            raise UserError(f"the model's inputs have fixed shapes ({self.specs[0].signature()}) and no batch "
+                            "dimension; use --batch 1")
         rng = np.random.default_rng(self.seed)
         feeds = {}
         text = [s.name for s in self.specs if s.name in TEXT_INPUTS]

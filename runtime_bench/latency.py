@@ -6,7 +6,8 @@ Per (provider, batch) cell: `warmup` untimed runs of each model, then up to `run
 of inputs and outputs included. Reported: p50, p90, mean (ms), throughput = batch / mean
 (samples/s), speed-up = baseline p50 / model p50 from the same rounds, and two output checks:
 every provider against the CPU output of the same model (pass/fail at a tolerance), and the model
-against the baseline (informational: pruning is meant to change the outputs a little).
+against the baseline (informational: pruning is meant to change the outputs a little). With a
+baseline, onnxruntime's thread spinning is off for both sessions (see ProviderSettings.spin).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class _RunFailed(Exception):
 def run_bench(model: str | os.PathLike, baseline: str | os.PathLike | None, options: BenchOptions) -> dict:
     """Benchmark `model` (and `baseline`) over options.providers × options.batches; see the module docstring."""
     paths = {MODEL: Path(model)} | ({BASELINE: Path(baseline)} if baseline is not None else {})
+    options = replace(options, settings=replace(options.settings, spin=options.settings.spin and baseline is None))
     # CPU sessions always exist: they read the signature and give the reference outputs.
     cpu = {role: _cpu_session(path, options.settings) for role, path in paths.items()}
     maker = InputMaker(paths[MODEL], cpu[MODEL], options.seqlen, options.inputs)
@@ -78,13 +80,14 @@ def run_bench(model: str | os.PathLike, baseline: str | os.PathLike | None, opti
             continue
         rows += _rows(provider, batch, times, outputs, references, options.check_tolerance)
     if not rows:
-        reasons = "; ".join(f"{p['provider']}: {p['reason']}" for p in problems)
+        reasons = "; ".join(dict.fromkeys(f"{p['provider']}: {p['reason']}" for p in problems))
         raise UserError(f"nothing could be measured ({reasons})")
     import onnxruntime as ort
 
     return {"models": {role: str(path) for role, path in paths.items()}, "labels": _labels(paths),
             "inputs": maker.source, "seqlen": options.seqlen, "warmup": options.warmup, "runs": options.runs,
-            "max_seconds": options.max_seconds, "threads": options.settings.threads, "fp16": options.settings.fp16,
+            "max_seconds": options.max_seconds, "threads": options.settings.threads,
+            "spinning": options.settings.spin, "fp16": options.settings.fp16,
             "tolerance": options.check_tolerance, "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),
             "rows": rows, "unavailable": problems}
 

@@ -26,6 +26,10 @@ class ProviderUnavailable(Exception):
 class ProviderSettings:
     threads: int | None = None  # intra-op threads (None: onnxruntime's default, one per core)
     fp16: bool = False  # TensorRT may pick fp16 kernels (trt_fp16_enable)
+    # onnxruntime's intra-op threads spin for a while after each run. With two sessions run in
+    # turn (model and baseline), one's spinning threads compete with the other's work, so the
+    # benchmark turns spinning off for both then.
+    spin: bool = True
 
 
 def parse_providers(text: str) -> list[str]:
@@ -73,9 +77,11 @@ def open_provider_session(model_path: str | os.PathLike, name: str, settings: Pr
     if reason:
         raise ProviderUnavailable(reason)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: fallbacks are detected below and reported once
+    options.log_severity_level = 4  # fatal only: fallbacks and failed runs are reported by the benchmark, in one line
     if settings.threads:
         options.intra_op_num_threads = settings.threads
+    if not settings.spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = resolve_model_path(model_path)
     try:
         with warnings.catch_warnings():  # onnxruntime warns of the fallback in many lines; one reason is enough

@@ -28,13 +28,14 @@ def bench_markdown(result: dict) -> str:
              + (f" or {result['max_seconds']:g} s" if result["max_seconds"] else "")
              + " per cell; model and baseline interleaved; speed-up = baseline p50 / model p50",
              f"- onnxruntime {result['onnxruntime']}, {result['cpu_count']} CPU cores, intra-op threads "
-             f"{result['threads'] or 'default'}; outputs check: max |Δ| to the same model's CPU output "
+             f"{result['threads'] or 'default'}" + ("" if result["spinning"] else " (thread spinning off)")
+             + f"; outputs check: max |Δ| to the same model's CPU output "
              f"≤ {result['tolerance']:g} · max(1, max |CPU output|)",
              "",
              markdown_table(HEADER, results_rows(result))]
     if result["unavailable"]:
         lines += ["", "## Unavailable", ""]
-        lines += [f"- {p['provider']}" + (f" (batch {p['batch']})" if p["batch"] is not None else "") + f": {p['reason']}"
+        lines += [f"- {p['provider']}" + ("" if p["batch"] is None else f" (batch {p['batch']})") + f": {p['reason']}"
                   for p in result["unavailable"]]
     if result.get("gemm24"):
         lines += ["", gemm24_markdown(result["gemm24"])]
@@ -55,21 +56,36 @@ def results_rows(result: dict) -> list[list[str]]:
 
 def gemm24_markdown(gemm: dict) -> str:
     lines = ["## 2:4 GEMMs in torch (dense vs semi-structured sparse, fp16)", ""]
-    shapes = ", ".join(f"{s['out']}×{s['k']} ({s['layers']} layers)" for s in gemm["shapes"]) or "none"
+    shapes = ", ".join(f"{s['out']}×{s['k']} ({s['layers']} layer{'s' * (s['layers'] != 1)})"
+                       for s in gemm["shapes"]) or "none"
     lines.append(f"- 2:4-valid weight shapes [out × K]: {shapes}; not 2:4: {gemm['not_2of4']}, "
                  f"not MatMul/Gemm: {gemm['not_gemm']}")
     if gemm["status"] != "ok":
         return "\n".join(lines + [f"- unavailable: {gemm['reason']}"])
     lines += [f"- {gemm['device']}, torch {gemm['torch']}, backend {gemm['backend']}; tokens = batch × seqlen "
-              f"({gemm['seqlen']}); p50 of CUDA-event timings", ""]
-    table = [[f"{r['out']}×{r['k']}", r["tokens"], *(
-        ["-", "-", "-", f"error: {r['error']}"] if "error" in r else
-        [f"{r['dense_ms']:.4f}", f"{r['sparse_ms']:.4f}", f"{r['speedup']:.2f}x", f"{r['rel_error']:.1e}"])]
-        for r in gemm["rows"]]
-    table += [[f"all {t['layers']} layers", t["tokens"], f"{t['dense_ms']:.4f}", f"{t['sparse_ms']:.4f}",
-               f"{t['speedup']:.2f}x", "-"] for t in gemm["totals"]]
-    lines.append(markdown_table(["weight", "tokens", "dense ms", "2:4 ms", "speed-up", "rel. error"], table))
+              f"({gemm['seqlen']}); p50 ms per call from CUDA events. eager: F.linear called from Python (host "
+              "overhead included); graph: replayed from a CUDA graph (GPU time only)", ""]
+    table = []
+    for r in gemm["rows"]:
+        cells = [f"{r['out']}×{r['k']}", r["tokens"]]
+        if "error" in r:
+            table.append(cells + ["-"] * 6 + [f"error: {r['error']}"])
+        else:
+            table.append(cells + _mode_cells(r.get("eager")) + _mode_cells(r.get("graph")) + [f"{r['rel_error']:.1e}"])
+    for count in dict.fromkeys(t["tokens"] for t in gemm["totals"]):
+        by_mode = {t["mode"]: t for t in gemm["totals"] if t["tokens"] == count}
+        layers = next(iter(by_mode.values()))["layers"]
+        table.append([f"all {layers} layers", count, *_mode_cells(by_mode.get("eager")),
+                      *_mode_cells(by_mode.get("graph")), "-"])
+    lines.append(markdown_table(["weight", "tokens", "dense ms", "2:4 ms", "speed-up", "dense ms (graph)",
+                                 "2:4 ms (graph)", "speed-up (graph)", "rel. error"], table))
     return "\n".join(lines)
+
+
+def _mode_cells(timing: dict | None) -> list[str]:
+    if timing is None:
+        return ["-", "-", "-"]
+    return [f"{timing['dense_ms']:.4f}", f"{timing['sparse_ms']:.4f}", f"{timing['speedup']:.2f}x"]
 
 
 def _check_cell(check: dict) -> str:

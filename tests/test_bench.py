@@ -18,6 +18,7 @@ from onnxprune.runtime_bench.inputs import DEFAULT_VOCAB, InputMaker, model_voca
 from onnxprune.runtime_bench.latency import round_robin, wall_timer
 from onnxprune.runtime_bench.providers import (ORT_NAMES, ProviderSettings, ProviderUnavailable,
                                                open_provider_session, parse_providers)
+from onnxprune.runtime_bench.report import gemm24_markdown
 
 FAST = ["--warmup", "1", "--runs", "3"]
 GPU_EPS = {ORT_NAMES["cuda"], ORT_NAMES["tensorrt"]}
@@ -33,9 +34,8 @@ def _session(path):
 def bert_pair(hf_model, tmp_path_factory):
     """(2:4 magnitude-pruned BERT, its dense original)."""
     dense = hf_model("bert").onnx_path
-    pruned = prune(dense, tmp_path_factory.mktemp("bench") / "bert-2of4.onnx", "--method", "magnitude",
-                   "--pattern", "2:4") and tmp_path_factory.getbasetemp()
-    pruned = next(pruned.glob("bench*/bert-2of4.onnx"))
+    pruned = tmp_path_factory.mktemp("bench") / "bert-2of4.onnx"
+    prune(dense, pruned, "--method", "magnitude", "--pattern", "2:4")
     return pruned, dense
 
 
@@ -44,7 +44,8 @@ def chain(tmp_path):
     """X[batch, 64] → 64×64 → 64×64 → 64×32, pruned 2:4 (two weights share one GEMM shape)."""
     dense = save(chain_model([Dense("MatMul", 64, 64), Dense("MatMul", 64, 64), Dense("MatMul", 64, 32)]),
                  tmp_path / "chain.onnx")
-    return prune(dense, tmp_path / "chain-2of4.onnx", "--pattern", "2:4") and tmp_path / "chain-2of4.onnx"
+    prune(dense, tmp_path / "chain-2of4.onnx", "--pattern", "2:4")
+    return tmp_path / "chain-2of4.onnx"
 
 
 def test_cpu_end_to_end_with_baseline(bert_pair, tmp_path):
@@ -120,6 +121,19 @@ def test_gemm24_through_the_cli_without_cuda(chain, tmp_path):
     assert data["gemm24"]["status"] == "unavailable"
 
 
+@pytest.mark.skipif(gemm24.unavailable_reason() is not None, reason="needs a CUDA GPU with 2:4 sparse tensor cores")
+def test_gemm24_on_cuda(chain):
+    result = gemm24.bench_gemm24(chain, [1, 2], 64, warmup=2, runs=5)
+    assert result["status"] == "ok" and result["backend"] in ("cuSPARSELt", "CUTLASS")
+    assert [(r["out"], r["k"], r["tokens"]) for r in result["rows"]] == [(64, 64, 64), (64, 64, 128), (32, 64, 64),
+                                                                         (32, 64, 128)]
+    for row in result["rows"]:
+        assert "error" not in row and "graph_error" not in row, row
+        assert row["rel_error"] < 1e-2  # the same math in fp16
+        for mode in ("eager", "graph"):
+            assert row[mode]["dense_ms"] > 0 and row[mode]["sparse_ms"] > 0, row
+
+
 def test_gemm24_timing_loop_dry_run_on_cpu(chain):
     """Everything but the CUDA calls: identity 'sparsify' and wall-clock timer on the CPU."""
     import torch
@@ -127,9 +141,14 @@ def test_gemm24_timing_loop_dry_run_on_cpu(chain):
     shapes, _ = gemm24.gemm_shapes(chain)
     rows = gemm24.time_shapes(shapes, [4, 8], 1, 2, "cpu", torch.float32, lambda w: w, wall_timer)
     assert [(r["out"], r["k"], r["tokens"]) for r in rows] == [(64, 64, 4), (64, 64, 8), (32, 64, 4), (32, 64, 8)]
-    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["rel_error"] == 0 for r in rows)
+    assert all(r["eager"]["dense_ms"] > 0 and r["eager"]["sparse_ms"] > 0 and r["rel_error"] == 0 for r in rows)
+    assert all("graph" not in r for r in rows)  # no capture on a CPU
     totals = gemm24.totals(rows, shapes)
-    assert [(t["tokens"], t["layers"]) for t in totals] == [(4, 3), (8, 3)]
+    assert [(t["tokens"], t["mode"], t["layers"]) for t in totals] == [(4, "eager", 3), (8, "eager", 3)]
+    markdown = gemm24_markdown({"status": "ok", "device": "cpu", "torch": "-", "backend": "none", "seqlen": 4,
+                                "rows": rows, "totals": totals, "not_2of4": 0, "not_gemm": 0,
+                                "shapes": [{"out": s["out"], "k": s["k"], "layers": s["layers"]} for s in shapes]})
+    assert "| 64×64 | 4 |" in markdown and "| all 3 layers | 8 |" in markdown
     broken = gemm24.time_shapes(shapes[:1], [4], 0, 1, "cpu", torch.float32, _refuse, wall_timer)
     assert broken == [{"out": 64, "k": 64, "tokens": 4, "error": "shape not supported"}]
 
@@ -207,7 +226,7 @@ def test_bad_input_is_one_line(args, expected, chain, tmp_path):
     other = _symbolic_model([BATCH, "sequence_length", 32], tmp_path / "other.onnx")
     names = {"MODEL": chain, "OTHER": other, "missing.onnx": tmp_path / "missing.onnx",
              "missing.npz": tmp_path / "missing.npz"}
-    assert expected in assert_user_error(cli("bench", *(names.get(a, a) for a in args), *FAST))
+    assert expected in assert_user_error(cli("bench", *FAST, *(names.get(a, a) for a in args)))
 
 
 def test_parse_providers():
