@@ -39,7 +39,7 @@ def apply(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
     method: str = typer.Option("magnitude", "--method", "-m", help="Pruning method; `onnxprune methods` lists them."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights to zero, in [0, 1)."),
-    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="'unstructured' (default) or N:M, e.g. 2:4 = 2 zeros in every 4 along K."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="'unstructured' (default), N:M, e.g. 2:4 = 2 zeros in every 4 along K, or 'structured' (remove whole neurons/heads/channels: l1, wanda, mama)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx (default: beside the input)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here (and a .md twin)."),
     include: Optional[str] = typer.Option(None, "--include", help="Regex on initializer or node names: prune exactly the matching layers."),
@@ -75,9 +75,12 @@ def apply(
     if report:
         write_report(result, report)
     totals = result.totals
-    stdout.print(f"pruned {totals['targets']} weights with {result.method} ({result.pattern}, sparsity "
-                 f"{result.sparsity:g}): {totals['zeros']:,} of {totals['params']:,} are zero "
-                 f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
+    if spec.structured:
+        stdout.print(result.summary())
+    else:
+        stdout.print(f"pruned {totals['targets']} weights with {result.method} ({result.pattern}, sparsity "
+                     f"{result.sparsity:g}): {totals['zeros']:,} of {totals['params']:,} are zero "
+                     f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
     stdout.print(f"wrote {result.output}" + (f" and {report}" if report else "")
                  + f" in {result.timings_s['total']:.2f} s")
 

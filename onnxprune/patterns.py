@@ -20,11 +20,13 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass(frozen=True)
 class Pattern:
-    """What a pass must produce: unstructured at `sparsity`, or N zeros per M along K."""
+    """What a pass must produce: unstructured at `sparsity`, or N zeros per M along K; or, with
+    `structured`, whole channels removed (`onnxprune.structured`): a smaller dense graph."""
 
     sparsity: float
     n: int = 0
     m: int = 0
+    structured: bool = False
 
     @property
     def is_nm(self) -> bool:
@@ -32,6 +34,8 @@ class Pattern:
 
     @property
     def label(self) -> str:
+        if self.structured:
+            return "structured"
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
     def pruned_count(self, k: int) -> int:
@@ -50,9 +54,14 @@ def parse_pattern(pattern: str | None, sparsity: float | None) -> Pattern:
         if sparsity is None:
             raise UserError("give --sparsity (a fraction in [0, 1)) or an N:M --pattern such as 2:4")
         return Pattern(sparsity=sparsity)
+    if pattern.strip().lower() == "structured":
+        if sparsity is None:
+            raise UserError("--pattern structured needs --sparsity (the fraction of channels to remove, in [0, 1))")
+        return Pattern(sparsity=sparsity, structured=True)
     match = _NM.match(pattern)
     if not match:
-        raise UserError(f"--pattern must be 'unstructured' or N:M such as 2:4 (N zeros in every M), got {pattern!r}")
+        raise UserError(f"--pattern must be 'unstructured', 'structured' or N:M such as 2:4 (N zeros in every M), "
+                        f"got {pattern!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise UserError(f"--pattern {pattern}: N:M needs 0 < N < M (N zeros in every M weights), got N={n}, M={m}")

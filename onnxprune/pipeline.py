@@ -93,6 +93,10 @@ class StageTimer:
 
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
     """Prune the model at `model_path` into `output_path`; the input file is never modified."""
+    if options.pattern.structured:  # whole channels out: a smaller dense graph (onnxprune.structured)
+        from onnxprune.structured import apply_structured
+
+        return apply_structured(model_path, output_path, options)
     method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
     output = check_output_path(model_path, output_path)
     timer = StageTimer()

@@ -27,7 +27,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_report(report: Report, path: str | os.PathLike) -> tuple[Path, Path]:
     """`path` gets the JSON; the Markdown twin goes beside it with a .md suffix."""
     json_path = write_text_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
-    return json_path, write_text_atomic(Path(path).with_suffix(".md"), report_markdown(report))
+    markdown = report.markdown() if hasattr(report, "markdown") else report_markdown(report)  # structured has its own
+    return json_path, write_text_atomic(Path(path).with_suffix(".md"), markdown)
 
 
 def report_markdown(report: Report) -> str:

@@ -1,0 +1,597 @@
+"""Structured pruning: remove whole channel units and write a smaller *dense* graph.
+
+`channels.ChannelGraph` finds the groups (FFN neurons, attention heads or KV groups, conv filters
+with their residual partners); here each selected group gets a score per unit, loses the ⌊U·s⌋
+lowest units (at least one unit is always kept), and every place the group names is shrunk: the
+producers' output rows, the consumers' input columns, per-channel constants, the Reshape/Expand
+sizes and depthwise `group` attributes. The result is checked by re-running shape inference:
+a group whose tensors do not come out with the planned shapes is put back and reported as refused.
+
+Channel scores (the structured meaning of the method names; the per-weight passes of the same
+names live in `passes/`):
+- `l1`: the L1 norm of every weight the unit carries: producer rows + consumer columns.
+- `wanda`: structured Wanda, Σ over the unit's consumer columns j of ‖X_j‖₂ · Σ_i |W_ij|, with
+  ‖X_j‖ from the consumer's calibration statistics ("sq_sum").
+- `mama`: the Wanda scores, then the move: the removed units' mean contribution goes into the
+  consumer's bias, b += W[:, P] μ_P with μ = sum / tokens of the consumer input. A consumer without
+  a bias gets one only when asked (`add_bias`): for MatMul an Add node with a new initializer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune import __version__
+from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
+from onnxprune.errors import UserError
+from onnxprune.targets import FLOAT_TYPES, TINY_K, Layout, Target, discover_targets
+from onnxprune.targets import _compile as compile_regex
+
+KINDS = ("ffn", "heads", "conv")
+METHOD_NEEDS = {  # structured method -> calibration statistics of the consumers' inputs it needs
+    "l1": frozenset(),
+    "wanda": frozenset({"sq_sum"}),
+    "mama": frozenset({"sq_sum", "sum", "tokens"}),
+}
+
+
+ALIASES = {"magnitude": "l1"}  # the CLI's default method: by weight magnitude, i.e. the channels' L1 norm
+
+
+def structured_method(method: str) -> str:
+    method = ALIASES.get(method, method)
+    if method not in METHOD_NEEDS:
+        raise UserError(f"structured pruning supports --method {', '.join(METHOD_NEEDS)}; got {method!r}")
+    return method
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class GroupRecord:
+    kind: str
+    unit: str  # neurons, heads, kv-groups, channels
+    producers: list[str]
+    consumers: list[str]
+    units_before: int
+    units_after: int
+    channels_before: int  # output rows of the first producer
+    channels_after: int
+    heads_before: int | None = None
+    heads_after: int | None = None
+    removed: list[int] = field(default_factory=list)  # unit indices
+    bias_moved: bool | None = None  # mama: whether the removed mean went into the consumers' biases
+    reason: str | None = None  # refused: why
+
+
+@dataclass
+class StructuredReport:
+    onnxprune_version: str
+    input: str
+    output: str
+    method: str
+    sparsity: float
+    pattern: str = "structured"
+    seed: int = 0
+    groups: list[GroupRecord] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pruned(self) -> list[GroupRecord]:
+        return [g for g in self.groups if g.reason is None]
+
+    @property
+    def refused(self) -> list[GroupRecord]:
+        return [g for g in self.groups if g.reason is not None]
+
+    @property
+    def totals(self) -> dict:
+        return {"groups": len(self.pruned), "refused": len(self.refused),
+                "units_before": sum(g.units_before for g in self.pruned),
+                "units_after": sum(g.units_after for g in self.pruned),
+                "params_before": self.params_before, "params_after": self.params_after,
+                "params_removed": self.params_before - self.params_after}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["totals"] = self.totals
+        return data
+
+    def summary(self) -> str:
+        totals = self.totals
+        return (f"structured {self.method} at {self.sparsity:g}: pruned {totals['groups']} channel groups "
+                f"({totals['units_before']} -> {totals['units_after']} units), {totals['refused']} refused; "
+                f"parameters {self.params_before:,} -> {self.params_after:,}")
+
+    def markdown(self) -> str:
+        from onnxprune.report import markdown_table
+
+        lines = [f"# onnxprune report: structured {self.method}, sparsity {self.sparsity:g}", "",
+                 f"- input: `{self.input}`", f"- output: `{self.output}`", f"- {self.summary()}",
+                 "- wall time (s): " + ", ".join(f"{k} {v:.3f}" for k, v in self.timings_s.items()), "",
+                 markdown_table(["kind", "producers", "consumers", "units", "channels", "heads", "bias moved"],
+                                [[g.kind, ", ".join(g.producers), ", ".join(g.consumers),
+                                  f"{g.units_before} -> {g.units_after} {g.unit}",
+                                  f"{g.channels_before} -> {g.channels_after}",
+                                  "-" if g.heads_before is None else f"{g.heads_before} -> {g.heads_after}",
+                                  "-" if g.bias_moved is None else ("yes" if g.bias_moved else "no")]
+                                 for g in self.pruned])]
+        if self.refused:
+            lines += ["", "## Refused groups", "",
+                      markdown_table(["kind", "producers", "reason"],
+                                     [[g.kind, ", ".join(g.producers), g.reason] for g in self.refused])]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+class StructuredPlan:
+    """The selected channel groups of a model, before any change (statistics are gathered for
+    `consumers()` between planning and pruning)."""
+
+    def __init__(self, model: ir.Model, kinds=KINDS, include: str | None = None, exclude: str | None = None,
+                 targets: list[Target] | None = None) -> None:
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise UserError(f"unknown structured kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        self.model = model
+        self.targets = discover_targets(model) if targets is None else targets
+        self.analysis = ChannelGraph(model, self.targets)
+        include_re, exclude_re = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
+        self.groups: list[ChannelGroup] = []
+        for group in self.analysis.groups():
+            names = [n for w in group.weights for n in (w.target.name, w.target.node_name)]
+            if include_re is not None:
+                if not any(include_re.search(n) for n in names):
+                    continue
+            elif not all(_default_producer(w.target) for w in group.producers):
+                continue
+            if exclude_re is not None and any(exclude_re.search(n) for n in names):
+                continue
+            if group.kind in kinds or (group.kind == "residual" and not group.prunable):
+                self.groups.append(group)
+
+    def consumers(self) -> list[Target]:
+        """The consumer layers of the prunable groups: their inputs' statistics drive wanda/mama."""
+        seen: dict[int, Target] = {}
+        for group in self.groups:
+            if group.prunable:
+                for weight in group.consumers:
+                    seen.setdefault(id(weight.target), weight.target)
+        return list(seen.values())
+
+    def prune(self, sparsity: float, method: str = "l1", stats: dict[str, dict] | None = None,
+              add_bias: bool = False) -> StructuredReport:
+        if not 0.0 <= sparsity < 1.0:
+            raise UserError(f"--sparsity must be in [0, 1), got {sparsity:g}")
+        method = structured_method(method)
+        needs = METHOD_NEEDS[method]
+        if needs:
+            _check_stats(self.consumers(), stats, needs)
+        report = StructuredReport(__version__, "", "", method, sparsity, params_before=count_params(self.model))
+        unread = _unread(self.model)
+        plans, records = [], {}
+        for group in self.groups:
+            if group.prunable and not group.consumers:
+                group.reasons.append("no consumer layer reads the channels")
+            if not group.prunable:
+                records[group] = _record(group, None)
+                continue
+            removed = lowest_units(channel_scores(group, method, stats), sparsity)
+            moves = bias_moves(group, removed, stats) if method == "mama" and removed.any() else {}
+            plans.append((group, removed, moves))
+        applied = _apply_verified(self.model, self.analysis.shapes, [(g, r) for g, r, _ in plans])
+        kept_rows = {id(w.target): kept_indices(w.size, g.units, r) for g, r, _ in plans if g in applied
+                     for w in g.producers}
+        for group, removed, moves in plans:
+            if group in applied:
+                moved = _apply_moves(self.model, moves, kept_rows, add_bias) if moves else None
+                records[group] = _record(group, removed, moved)
+            else:
+                records[group] = _record(group, None)
+        report.groups = [records[group] for group in self.groups]
+        _remove_dead(self.model, unread)
+        report.params_after = count_params(self.model)
+        return report
+
+
+def structured_prune(model: ir.Model, sparsity: float, method: str = "l1", stats: dict[str, dict] | None = None,
+                     kinds=KINDS, include: str | None = None, exclude: str | None = None,
+                     add_bias: bool = False) -> StructuredReport:
+    """Remove ⌊U·s⌋ units of every selected channel group of `model` (in place)."""
+    return StructuredPlan(model, kinds, include, exclude).prune(sparsity, method, stats, add_bias)
+
+
+def _default_producer(target: Target) -> bool:
+    """In the default selection, or left out only for being tiny (small K does not matter when
+    whole output channels go). Shared weights stay in: their groups are listed as refused."""
+    return target.default_reason is None or target.layout.in_features < TINY_K
+
+
+def _check_stats(consumers: list[Target], stats: dict[str, dict] | None, needs: frozenset[str]) -> None:
+    if stats is None:
+        raise UserError(f"structured scores need calibration statistics ({', '.join(sorted(needs))}) of the "
+                        f"consumer layers' inputs: pass --calib or --stats")
+    for target in consumers:
+        entry = stats.get(target.name, {})
+        missing = needs - set(entry)
+        if missing:
+            raise UserError(f"statistics lack {', '.join(sorted(missing))} for {target.node_name}")
+        if np.shape(entry["sq_sum"])[0] != target.layout.in_features:
+            raise UserError(f"statistics of {target.node_name} have K={np.shape(entry['sq_sum'])[0]}, its weight "
+                            f"has K={target.layout.in_features}: they were computed for another model")
+
+
+def count_params(model: ir.Model) -> int:
+    return sum(v.const_value.size for v in model.graph.initializers.values()
+               if v.const_value is not None and v.const_value.dtype in FLOAT_TYPES)
+
+
+def _record(group: ChannelGroup, removed: np.ndarray | None, bias_moved: bool | None = None) -> GroupRecord:
+    units = group.units
+    kept = units - int(removed.sum()) if removed is not None else units
+    first = group.producers[0].size if group.producers else 0
+    return GroupRecord(
+        kind=group.kind, unit=group.unit_name,
+        producers=[w.target.node_name for w in group.producers],
+        consumers=[w.target.node_name for w in group.consumers],
+        units_before=units, units_after=kept, channels_before=first, channels_after=first // units * kept,
+        heads_before=group.heads, heads_after=None if group.heads is None else group.heads // units * kept,
+        removed=[] if removed is None else [int(u) for u in np.flatnonzero(removed)],
+        bias_moved=bias_moved, reason=None if removed is not None else (group.reason or "not applied"))
+
+
+# ------------------------------------------------------------------------------------- scoring
+
+
+def unit_of_channels(size: int, units: int) -> np.ndarray:
+    """Unit index of each of `size` channel indices (units are blocks of size/units)."""
+    return np.arange(size) // (size // units)
+
+
+def _column_units(weight: WeightSlice, units: int, canonical_k: int) -> np.ndarray:
+    """Unit of each canonical input column (Conv's canonical K is (kh, kw, C): channel = j % C)."""
+    channel = np.arange(canonical_k) % weight.size if weight.target.layout.kind == "conv" else np.arange(canonical_k)
+    return unit_of_channels(weight.size, units)[channel]
+
+
+def channel_scores(group: ChannelGroup, method: str, stats: dict[str, dict] | None) -> np.ndarray:
+    """One score per unit; the lowest go."""
+    scores = np.zeros(group.units, dtype=np.float64)
+    for weight in group.weights:
+        canonical = np.abs(weight.target.read()).astype(np.float64)
+        if weight.role == "rows":
+            if method == "l1":
+                np.add.at(scores, unit_of_channels(weight.size, group.units), canonical.sum(axis=1))
+            continue
+        columns = canonical.sum(axis=0)
+        if method != "l1":
+            columns = columns * np.sqrt(np.asarray(stats[weight.target.name]["sq_sum"], dtype=np.float64))
+        np.add.at(scores, _column_units(weight, group.units, canonical.shape[1]), columns)
+    return scores
+
+
+def lowest_units(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Mask of the ⌊U·s⌋ lowest-scoring units (stable order on ties), never all of them."""
+    count = min(int(len(scores) * sparsity), len(scores) - 1)
+    removed = np.zeros(len(scores), dtype=bool)
+    removed[np.argsort(scores, kind="stable")[:count]] = True
+    return removed
+
+
+def bias_moves(group: ChannelGroup, removed: np.ndarray, stats: dict[str, dict]) -> dict[int, tuple[Target, np.ndarray]]:
+    """MAMA's structured move, per consumer: Δb = W[:, P] μ_P (scaled by Gemm's alpha/beta)."""
+    moves = {}
+    for weight in group.consumers:
+        entry = stats[weight.target.name]
+        mean = np.asarray(entry["sum"], dtype=np.float64) / max(int(entry["tokens"]), 1)
+        canonical = weight.target.read().astype(np.float64)
+        gone = removed[_column_units(weight, group.units, canonical.shape[1])]
+        delta = canonical[:, gone] @ mean[gone]
+        node = weight.target.consumers[0].node
+        if node.op_type == "Gemm":
+            delta *= node.attributes.get_float("alpha", 1.0) / node.attributes.get_float("beta", 1.0)
+        moves[id(weight.target)] = (weight.target, delta)
+    return moves
+
+
+# --------------------------------------------------------------------------------------- edits
+
+
+class _Editor:
+    """Graph edits with an undo log, so a group that fails verification can be put back."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.graph = model.graph
+        self.undo: list[Callable[[], None]] = []
+        self.names = {v.name for n in self.graph for v in n.outputs} | set(self.graph.initializers)
+
+    def fresh_name(self, base: str) -> str:
+        index = 0
+        while f"{base}.pruned{index or ''}" in self.names:
+            index += 1
+        name = f"{base}.pruned{index or ''}"
+        self.names.add(name)
+        return name
+
+    def set_value(self, value: ir.Value, array: np.ndarray) -> None:
+        old_tensor, old_shape = value.const_value, value.shape
+        value.const_value = ir.Tensor(np.ascontiguousarray(array), name=value.name)
+        value.shape = ir.Shape(array.shape)
+        self.undo.append(lambda: (setattr(value, "const_value", old_tensor), setattr(value, "shape", old_shape)))
+
+    def set_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        """Give input `index` of `node` a new constant value: in place when it is an initializer
+        only this node reads, else as a new initializer (shared and Constant/Identity inputs)."""
+        value = node.inputs[index]
+        if value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == 1:
+            return self.set_value(value, array)
+        name = self.fresh_name(value.name if value is not None and value.name else "bias")
+        array = np.ascontiguousarray(array)
+        new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                       const_value=ir.Tensor(array, name=name))
+        self.graph.register_initializer(new)
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, new)
+
+        def undo() -> None:
+            node.replace_input_with(index, value)
+            self.graph.initializers.pop(name, None)
+        self.undo.append(undo)
+
+    def set_shape(self, value: ir.Value, shape) -> None:
+        old = value.shape
+        value.shape = shape
+        self.undo.append(lambda: setattr(value, "shape", old))
+
+    def set_attribute(self, node: ir.Node, name: str, new: int) -> None:
+        old = node.attributes.get(name)
+        node.attributes[name] = ir.AttrInt64(name, new)
+        self.undo.append(lambda: node.attributes.__setitem__(name, old))
+
+    def slice_weight(self, weight: WeightSlice, keep: np.ndarray) -> None:
+        target = weight.target
+        stored = target.value.const_value.numpy()
+        old_layout = target.layout
+        self.set_value(target.value, np.take(stored, keep, axis=weight.stored_axis))
+        target.layout = Layout(old_layout.kind, tuple(target.value.const_value.shape))
+        self.undo.append(lambda: setattr(target, "layout", old_layout))
+        value = target.value
+        for _ in target.via:  # Transpose/Cast outputs between the initializer and the node
+            value = value.uses()[0].node.outputs[0]
+            self.set_shape(value, None)
+
+    def rollback(self) -> None:
+        for undo in reversed(self.undo):
+            undo()
+        self.undo.clear()
+
+
+def _apply_group(editor: _Editor, group: ChannelGroup, removed: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Shrink everything the group names; returns the planned new shapes {value name: (axis, size)}."""
+    units, kept = group.units, int((~removed).sum())
+
+    def keep(size: int) -> np.ndarray:
+        return kept_indices(size, units, removed)
+
+    for weight in group.weights:
+        editor.slice_weight(weight, keep(weight.size))
+    for const in group.constants:
+        array = const_tensor(const.node.inputs[const.index]).numpy()
+        editor.set_input(const.node, const.index, np.take(array, keep(const.size), axis=const.axis))
+    for entry in group.entries:
+        array = np.array(const_tensor(entry.node.inputs[entry.index]).numpy(), copy=True)
+        array.reshape(-1)[entry.element] = entry.size // units * kept
+        editor.set_input(entry.node, entry.index, array)
+    for attr in group.attributes:
+        editor.set_attribute(attr.node, attr.name, attr.size // units * kept)
+    planned = {}
+    for value, axis in group.members.items():
+        editor.set_shape(value, None)  # stale: onnxruntime would reject the old size
+        planned[value.name] = (axis.axis, axis.size // units * kept)
+    return planned
+
+
+def _apply_verified(model: ir.Model, before: dict, plans: list[tuple[ChannelGroup, np.ndarray]]) -> set:
+    """Apply the plans and re-infer the shapes; a group whose tensors do not come out as planned is
+    put back and refused. One inference when all is well; on a failure, bisection finds the bad
+    groups (a broken group can leave the whole graph unresolvable). Returns the groups applied."""
+    owner: dict[str, ChannelGroup] = {}
+    for group, _ in plans:
+        clash = next((owner[v.name] for v in group.members if v.name in owner), None)
+        if clash is not None:
+            group.reasons.append(f"overlaps the group of {clash.producers[0].target.node_name}")
+        else:
+            owner.update({value.name: group for value in group.members})
+    active = [(g, r) for g, r in plans if g.prunable and r.any()]
+    applied = {g for g, r in plans if g.prunable and not r.any()}
+    skip = set(model.graph.initializers)
+    planned: dict[str, tuple[int, int]] = {}
+
+    def attempt(batch) -> list[str]:
+        editor, changes = _Editor(model), {}
+        for group, removed in batch:
+            changes.update(_apply_group(editor, group, removed))
+        failed = _shape_mismatches(model, before, {**planned, **changes}, skip)
+        if failed:
+            editor.rollback()
+        else:
+            planned.update(changes)
+            applied.update(g for g, _ in batch)
+        return failed
+
+    def search(batch) -> None:
+        failed = attempt(batch) if batch else []
+        if failed and len(batch) == 1:
+            batch[0][0].reasons.append(f"shapes after pruning differ from the plan ({', '.join(sorted(failed)[:3])})")
+        elif failed:
+            search(batch[:len(batch) // 2])
+            search(batch[len(batch) // 2:])
+
+    search(active)
+    return applied
+
+
+def _shape_mismatches(model: ir.Model, before: dict, planned: dict, skip: set[str]) -> list[str]:
+    try:
+        after = static_shapes(model)
+    except Exception as exc:  # noqa: BLE001
+        return [f"shape inference failed: {exc}"]
+    failed = []
+    for name, old in before.items():
+        if name in skip or None in old:
+            continue
+        if name not in after or None in after[name]:  # known before: an unresolvable shape is a failure
+            failed.append(name)
+            continue
+        expected = list(old)
+        if name in planned:
+            axis, size = planned[name]
+            expected[len(expected) + axis] = size
+        if tuple(expected) != tuple(after[name]):
+            failed.append(name)
+    return failed
+
+
+def kept_indices(size: int, units: int, removed: np.ndarray) -> np.ndarray:
+    """The indices of an axis of `size` (blocks of size/units per unit) that stay."""
+    block = size // units
+    return (np.flatnonzero(~removed)[:, None] * block + np.arange(block)).ravel()
+
+
+def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """Where a consumer's bias lives: Gemm C / Conv B, or the constant of the Add after a MatMul."""
+    if node.op_type in ("Gemm", "Conv"):
+        if len(node.inputs) > 2 and const_tensor(node.inputs[2]) is not None:
+            return node, 2
+        return None
+    uses = node.outputs[0].uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        add = uses[0].node
+        for index, value in enumerate(add.inputs):
+            if value is not node.outputs[0] and const_tensor(value) is not None:
+                return add, index
+    return None
+
+
+def _apply_moves(model: ir.Model, moves: dict, kept_rows: dict[int, np.ndarray], add_bias: bool) -> bool:
+    """Add each consumer's Δb to its bias (creating one if `add_bias`); True if all consumers took
+    it. `kept_rows`: the output rows other groups left of each consumer (Δb was computed dense)."""
+    editor = _Editor(model)
+    all_moved = True
+    for key, (target, delta) in moves.items():
+        rows = kept_rows.get(key)
+        delta = (delta if rows is None else delta[rows]).astype(np.float64)
+        node = target.consumers[0].node
+        slot = _bias_slot(node)
+        if slot is not None:
+            holder, index = slot
+            bias = const_tensor(holder.inputs[index]).numpy()
+            if bias.size != delta.size:
+                all_moved = False
+                continue
+            editor.set_input(holder, index, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+        elif add_bias:
+            _add_bias(model, editor, node, delta.astype(target.stored_dtype.numpy()))
+        else:
+            all_moved = False
+    return all_moved
+
+
+def _add_bias(model: ir.Model, editor: _Editor, node: ir.Node, bias: np.ndarray) -> None:
+    if node.op_type in ("Gemm", "Conv"):
+        editor.set_input(node, 2, bias)  # Gemm: Δb already carries alpha/beta
+        return
+    output = node.outputs[0]
+    name = editor.fresh_name(f"{node.name or output.name}.bias")
+    constant = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)),
+                        const_value=ir.Tensor(bias, name=name))
+    model.graph.register_initializer(constant)
+    biased = ir.Value(name=editor.fresh_name(output.name), type=output.type)
+    uses = list(output.uses())
+    add = ir.Node("", "Add", [output, constant], outputs=[biased], name=f"{node.name}/bias_Add")
+    model.graph.insert_after(node, add)
+    for use in uses:
+        use.node.replace_input_with(use.idx, biased)
+    outputs = model.graph.outputs
+    for i, value in enumerate(outputs):
+        if value is output:
+            outputs[i] = biased
+
+
+def _unread(model: ir.Model) -> tuple[set[ir.Node], set[str]]:
+    """Constant/Identity nodes and initializers nothing reads."""
+    graph = model.graph
+    nodes = {node for node in graph if node.op_type in ("Constant", "Identity")
+             and all(not o.uses() and not o.is_graph_output() for o in node.outputs)}
+    inputs = set(graph.inputs)
+    names = {name for name, value in graph.initializers.items()
+             if not value.uses() and not value.is_graph_output() and value not in inputs}
+    return nodes, names
+
+
+def _remove_dead(model: ir.Model, before: tuple[set[ir.Node], set[str]]) -> None:
+    """Drop what the edits left unread (replaced constants, deduplicated biases), nothing else."""
+    while True:
+        nodes, names = _unread(model)
+        nodes -= before[0]
+        if not nodes:
+            break
+        model.graph.remove(list(nodes), safe=True)
+    for name in names - before[1]:
+        model.graph.initializers.pop(name)
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def apply_structured(model_path, output_path, options) -> StructuredReport:
+    """`onnxprune apply --pattern structured`: plan, calibrate (one-shot, consumers' inputs) when the
+    method needs statistics, prune, save."""
+    from onnxprune.calibration import calibrate
+    from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
+    from onnxprune.pipeline import CalibrationSource, StageTimer
+
+    method = structured_method(options.method)
+    needs = METHOD_NEEDS[method]
+    output = check_output_path(model_path, output_path)
+    timer = StageTimer()
+    with timer.stage("load"):
+        model = load_model(model_path)
+    with timer.stage("discover"):
+        plan = StructuredPlan(model, KINDS, options.include, options.exclude)
+    if not any(g.prunable for g in plan.groups):
+        reasons = "; ".join(f"{g.kind} {g.producers[0].target.node_name}: {g.reason}" for g in plan.groups[:3])
+        raise UserError(f"no prunable channel group in {model_path}" + (f" ({reasons})" if reasons else ""))
+    stats = None
+    if needs:
+        source = CalibrationSource(model_path, model, options.calibration, timer)
+        stats = source.stats_file()
+        if stats is None:
+            start = time.perf_counter()
+            stats = calibrate(model, [plan.consumers()], source.samples(), needs)
+            timer.seconds["calibrate"] = round(time.perf_counter() - start, 6)
+    with timer.stage("prune"):
+        report = plan.prune(options.pattern.sparsity, method, stats, options.add_bias)
+    report.input, report.output, report.seed = str(resolve_model_path(model_path)), str(output), options.seed
+    if not report.pruned:
+        raise UserError(f"no channel group could be pruned: {report.refused[0].reason}")
+    model.metadata_props.update({"onnxprune.version": __version__, "onnxprune.method": method,
+                                 "onnxprune.pattern": "structured", "onnxprune.sparsity": f"{report.sparsity:g}",
+                                 "onnxprune.groups": str(len(report.pruned))})
+    with timer.stage("save"):
+        save_model(model, output, options.external_data)
+    report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}
+    return report
+
+
