@@ -28,6 +28,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # pipes and CI logs get wide tables
 
 
+# What each hardware target prunes when no --pattern is given.
+TARGET_DEFAULT_PATTERNS = {"tensorrt": "2:4", "cpu": "structured"}
 CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, or a .npz of input tensors.")
 NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
 SEQLEN_OPTION = typer.Option(2048, "--seqlen", help="Tokens per calibration window.")
@@ -56,6 +58,7 @@ def apply(
     allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl: per-block sparsity from outlier Wanda scores (needs --calib or --stats)."),
     data_free: bool = typer.Option(False, "--data-free", help="mama: choose the mask from |W| alone (the move still uses calibration statistics)."),
     add_bias: bool = typer.Option(False, "--add-bias", help="mama: add a bias where a layer has none, to take the removed weights' mean."),
+    target: str = typer.Option("dense", "--target", help="dense (zeros in place), compressed (smaller file, same weights), tensorrt (2:4 + eligibility report), cpu (structured shrinking)."),
 ) -> None:
     """Prune MODEL's weights and write a new ONNX model."""
     from onnxprune.patterns import parse_pattern
@@ -64,6 +67,8 @@ def apply(
     from onnxprune.report import write_report
     from onnxprune.samples import CalibrationOptions
 
+    if pattern is None and target in TARGET_DEFAULT_PATTERNS and (sparsity is None or target == "cpu"):
+        pattern = TARGET_DEFAULT_PATTERNS[target]
     spec = parse_pattern(pattern, sparsity)
     output = output or _default_output(model, method, spec.label, spec.sparsity)
     calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer), seed, not one_shot,
@@ -71,7 +76,10 @@ def apply(
     if allocation not in ("uniform", "owl"):
         raise UserError(f"--allocation must be uniform or owl, got {allocation!r}")
     result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed,
-                                                   external_data, calibration, allocation, data_free, add_bias))
+                                                   external_data, calibration, allocation, data_free, add_bias,
+                                                   target))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     if report:
         write_report(result, report)
     totals = result.totals

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.allocation import outlier_ratio, owl_sparsities
 from onnxprune.calibration import calibrate, group_by_block
+from onnxprune.emit import check_target, emit
 from onnxprune.errors import UserError
 from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
 from onnxprune.passes import Layer, NotApplicable, PruningPass, get_pass
@@ -37,6 +38,7 @@ class PruneOptions:
     allocation: str = "uniform"  # or "owl"
     data_free: bool = False  # methods that offer it choose their mask without activation statistics
     add_bias: bool = False  # let bias-compensating methods add a bias where a layer has none
+    target: str = "dense"  # hardware emitter: dense | compressed | tensorrt | cpu (onnxprune.emit)
 
 
 @dataclass
@@ -65,6 +67,8 @@ class Report:
     targets: list[TargetRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     allocation: dict[str, float] = field(default_factory=dict)  # per-block sparsity when not uniform
+    emit: dict = field(default_factory=dict)  # what the hardware emitter did (onnxprune.emit)
+    notes: list[str] = field(default_factory=list)  # advice for the user
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -93,6 +97,7 @@ class StageTimer:
 
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
     """Prune the model at `model_path` into `output_path`; the input file is never modified."""
+    note = check_target(options.target, options.pattern, options.pattern.structured)
     if options.pattern.structured:  # whole channels out: a smaller dense graph (onnxprune.structured)
         from onnxprune.structured import apply_structured
 
@@ -125,6 +130,10 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
                                            skipped=report.skipped, add_bias=options.add_bias)
     if not report.targets:
         raise UserError(f"{method.name} is not applicable to any selected layer: {report.skipped[0]['reason']}")
+    report.notes += [note] if note else []
+    with timer.stage("emit"):
+        pruned = {record.name for record in report.targets}
+        report.emit = emit(model, options.target, [t for t in selected if t.name in pruned])
     stamp_provenance(model, report)
     with timer.stage("save"):
         save_model(model, output, options.external_data)
@@ -297,6 +306,7 @@ def stamp_provenance(model: ir.Model, report: Report) -> None:
         "onnxprune.pattern": report.pattern,
         "onnxprune.sparsity": f"{report.sparsity:g}",
         "onnxprune.targets": str(len(report.targets)),
+        "onnxprune.target": report.emit.get("target", "dense"),
     })
 
 

@@ -46,6 +46,19 @@ def report_markdown(report: Report) -> str:
                        [[t.node, t.op, "×".join(map(str, t.shape)), t.block or "-", f"{t.sparsity:.4f}",
                          "-" if t.nm_valid is None else ("yes" if t.nm_valid else "NO")] for t in report.targets]),
     ]
+    if report.emit.get("target") == "compressed":
+        totals = report.emit["totals"]
+        lines += ["", "## Compressed storage", "",
+                  f"{totals['tensors']} weights stored as bitmask + non-zeros: {totals['dense_bytes']:,} → "
+                  f"{totals['encoded_bytes']:,} bytes ({totals['ratio']:.1%}); onnxruntime rebuilds them "
+                  "bit-identically at session start."]
+    if report.emit.get("target") == "tensorrt":
+        from onnxprune.exporters.tensorrt import eligibility_markdown
+
+        lines += ["", f"## TensorRT sparse-kernel eligibility ({report.emit['eligible']} of "
+                      f"{len(report.emit['layers'])} layers)", "", eligibility_markdown(report.emit["layers"])]
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     if report.skipped:
         lines += ["", "## Left dense", "", markdown_table(["target", "reason"],
                                                           [[s["node"], s["reason"]] for s in report.skipped])]

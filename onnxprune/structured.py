@@ -83,6 +83,7 @@ class StructuredReport:
     params_before: int = 0
     params_after: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # advice for the user (none yet for this path)
 
     @property
     def pruned(self) -> list[GroupRecord]:
