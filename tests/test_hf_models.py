@@ -96,7 +96,7 @@ def test_provenance_metadata(pruned):
 
 def test_report_contents(pruned):
     report = pruned.report
-    assert set(report["timings_s"]) == {"load", "discover", "prune", "save", "total"}
+    assert set(report["timings_s"]) == {"load", "discover", "prune", "emit", "save", "total"}
     assert all(seconds >= 0 for seconds in report["timings_s"].values())
     assert report["method"] == "magnitude" and report["pattern"] == "2:4" and report["sparsity"] == 0.5
     assert report["totals"]["targets"] == pruned.model.selected
