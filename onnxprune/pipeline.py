@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,13 +122,17 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
         with timer.stage("allocate"):
             report.allocation = owl_allocation(model, selected, options, samples)
         patterns = {t.name: Pattern(report.allocation[_block_key(t)]) for t in selected}
-    if method.needs:
-        report.targets = _calibrate_and_prune(model, selected, method, options, timer, samples, patterns,
-                                              report.skipped)
-    else:
+    def prune(group: list[Target], stats: dict[str, dict] | None = None) -> list[TargetRecord]:
         with timer.stage("prune"):
-            report.targets = prune_targets(selected, method, options.pattern, options.seed, patterns=patterns,
-                                           skipped=report.skipped, add_bias=options.add_bias)
+            return prune_targets(group, method, options.pattern, options.seed, stats, seed_index[id(group[0])],
+                                 patterns, report.skipped, options.add_bias)
+
+    seed_index = {id(t): index for index, t in enumerate(selected)}
+    if method.needs:
+        report.targets = _calibrate_and_prune(model, selected, method.needs, options.calibration, timer, samples,
+                                              prune)
+    else:
+        report.targets = prune(selected)
     if not report.targets:
         raise UserError(f"{method.name} is not applicable to any selected layer: {report.skipped[0]['reason']}")
     report.notes += [note] if note else []
@@ -179,38 +184,27 @@ def _block_key(target: Target) -> str:
     return target.block if target.block is not None else target.name
 
 
-def _calibrate_and_prune(model: ir.Model, targets: list[Target], method: PruningPass, options: PruneOptions,
-                         timer: StageTimer, samples: CalibrationSource, patterns: dict[str, Pattern] | None,
-                         skipped: list[dict]) -> list[TargetRecord]:
-    """Statistics from a file, or gathered in onnxruntime (sequentially by default), then the pass."""
-    calib = options.calibration
+def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozenset[str], calib: CalibrationOptions,
+                         timer: StageTimer, samples: CalibrationSource,
+                         prune: Callable[..., list[TargetRecord]]) -> list[TargetRecord]:
+    """Statistics from a file, or gathered in onnxruntime (sequentially by default), then `prune`."""
     stats = samples.stats_file()
     if stats is not None:
         for target in targets:
             entry = stats.get(target.name, {})
-            missing = method.needs - set(entry)
+            missing = needs - set(entry)
             if missing:
                 raise UserError(f"{calib.stats_file} lacks {', '.join(sorted(missing))} for {target.node_name}; "
                                 f"recompute it with `onnxprune calibrate` for this model")
-            widths = {np.shape(entry[key])[0] for key in method.needs if np.ndim(entry[key])}
+            widths = {np.shape(entry[key])[0] for key in needs if np.ndim(entry[key])}
             if widths - {target.layout.in_features}:
                 raise UserError(f"{calib.stats_file} has statistics of K={widths.pop()} for {target.node_name}, "
                                 f"whose weight has K={target.layout.in_features}: it was computed for another model")
-        with timer.stage("prune"):
-            return prune_targets(targets, method, options.pattern, options.seed, stats, patterns=patterns,
-                                 skipped=skipped, add_bias=options.add_bias)
+        return prune(targets, stats)
     records: list[TargetRecord] = []
-    position = {id(t): index for index, t in enumerate(targets)}
-
-    def prune_group(group: list[Target], stats: dict[str, dict]) -> None:
-        with timer.stage("prune"):
-            records.extend(prune_targets(group, method, options.pattern, options.seed, stats,
-                                         first_index=position[id(group[0])], patterns=patterns, skipped=skipped,
-                                         add_bias=options.add_bias))
-
     groups = group_by_block(targets) if calib.sequential else [targets]
     start = time.perf_counter()
-    calibrate(model, groups, samples.samples(), method.needs, prune_group)
+    calibrate(model, groups, samples.samples(), needs, lambda group, stats: records.extend(prune(group, stats)))
     timer.seconds["calibrate"] = round(time.perf_counter() - start - timer.seconds.get("prune", 0.0), 6)
     return records
 
