@@ -30,9 +30,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads make
-# each step several times slower (numerics are unchanged).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":
+    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
+    # make each step several times slower (numerics are unchanged). Set before torch loads; when
+    # imported (by prune_benchmark.py) the importer decides.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch

@@ -203,8 +203,9 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
         return prune(targets, stats)
     records: list[TargetRecord] = []
     groups = group_by_block(targets) if calib.sequential else [targets]
+    data = samples.samples()  # loaded (and timed as load_data) before the calibrate window opens
     start = time.perf_counter()
-    calibrate(model, groups, samples.samples(), needs, lambda group, stats: records.extend(prune(group, stats)))
+    calibrate(model, groups, data, needs, lambda group, stats: records.extend(prune(group, stats)))
     timer.seconds["calibrate"] = round(time.perf_counter() - start - timer.seconds.get("prune", 0.0), 6)
     return records
 
