@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper
 
+from onnxprune.boundary_cache import BoundaryCache
 from onnxprune.errors import UserError, first_line
 from onnxprune.progress import progress_bar
 from onnxprune.statistics import Accumulator, activation_rows
@@ -88,39 +89,46 @@ def calibrate(model: ir.Model, groups: list[list[Target]], samples: list[Sample]
     if not samples:
         raise UserError("no calibration samples")
     segments = plan_segments(model.graph, groups)
-    cache: dict[str, list[np.ndarray]] = {}
+    cache = BoundaryCache(len(samples))
     all_stats: dict[str, dict] = {}
-    for index in progress_bar(range(len(segments)), "calibrating blocks"):
-        segment = segments[index]
-        feeds = _feeds(segment, cache, samples)
-        stats = _segment_statistics(model, segment, feeds, needs, providers)
-        all_stats.update(stats)
-        if prune_group is not None:
-            nodes_before = len(model.graph)
-            prune_group(segment.targets, stats)
-            if len(model.graph) != nodes_before:  # a pass added nodes (a new bias): cut the graph anew
-                segments = plan_segments(model.graph, groups)
-                segment = segments[index]
-                feeds = _feeds(segment, cache, samples)
-        if segment.boundary:
-            session = _session(model, segment, segment.boundary, feeds[0], providers)
-            outputs = [_run(session, segment.boundary, f, segment) for f in feeds]
-            for position, name in enumerate(segment.boundary):
-                cache[name] = [o[position] for o in outputs]
-        needed_later = {name for s in segments[index + 1:] for name in s.inputs}
-        for name in [n for n in cache if n not in needed_later]:
-            del cache[name]
+    try:
+        for index in progress_bar(range(len(segments)), "calibrating blocks"):
+            segment = segments[index]
+            stats = _segment_statistics(model, segment, _Feeds(segment, cache, samples), needs, providers)
+            all_stats.update(stats)
+            if prune_group is not None:
+                nodes_before = len(model.graph)
+                prune_group(segment.targets, stats)
+                if len(model.graph) != nodes_before:  # a pass added nodes (a new bias): cut the graph anew
+                    segments = plan_segments(model.graph, groups)
+                    segment = segments[index]
+            if segment.boundary:  # the next segments' inputs, computed through the pruned weights
+                feeds = _Feeds(segment, cache, samples)
+                session = _session(model, segment, segment.boundary, next(iter(feeds)), providers)
+                for sample, feed in enumerate(feeds):
+                    for name, value in zip(segment.boundary, _run(session, segment.boundary, feed, segment)):
+                        cache.put(name, sample, value)
+            cache.keep_only({name for s in segments[index + 1:] for name in s.inputs})
+    finally:
+        cache.close()
     return all_stats
 
 
-def _feeds(segment: Segment, cache: dict[str, list[np.ndarray]], samples: list[Sample]) -> list[Sample]:
-    return [{name: cache[name][i] if name in cache else samples[i][name] for name in segment.inputs}
-            for i in range(len(samples))]
+class _Feeds:
+    """Each sample's feed dict for a segment, built when asked (the cache may be on disk)."""
+
+    def __init__(self, segment: Segment, cache: BoundaryCache, samples: list[Sample]) -> None:
+        self.segment, self.cache, self.samples = segment, cache, samples
+
+    def __iter__(self):
+        for i in range(len(self.samples)):
+            yield {name: self.cache.get(name, i) if name in self.cache else self.samples[i][name]
+                   for name in self.segment.inputs}
 
 
-def _segment_statistics(model, segment: Segment, feeds: list[Sample], needs, providers) -> dict[str, dict]:
+def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers) -> dict[str, dict]:
     wanted = [name for name in segment.activations if name not in segment.inputs]
-    session = _session(model, segment, wanted, feeds[0], providers) if wanted else None
+    session = _session(model, segment, wanted, next(iter(feeds)), providers) if wanted else None
     accumulators = {name: Accumulator(needs) for name in segment.activations}
     for sample in feeds:
         produced = dict(zip(wanted, _run(session, wanted, sample, segment))) if session else {}

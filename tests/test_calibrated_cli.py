@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import assert_user_error, cli, initializers
 from graphs import Dense, chain_model, save
+
+from onnxprune.boundary_cache import BoundaryCache
 
 
 def wanda_mask_rows(weight_nk: np.ndarray, x: np.ndarray, sparsity: float) -> np.ndarray:
@@ -70,3 +74,31 @@ def test_stats_from_another_model_are_refused(gemm_chain, tmp_path):
     line = assert_user_error(cli("apply", model, "-m", "wanda", "-s", "0.5", "--stats", tmp_path / "stats.npz",
                                  "-o", tmp_path / "o.onnx"))
     assert "layers.1" in line and "K=40" in line and "K=48" in line
+
+
+def test_boundary_cache_on_disk_gives_the_same_result(gemm_chain, tmp_path, monkeypatch):
+    """With no memory budget every boundary tensor is memory-mapped from disk: same pruned model."""
+    model, _ = gemm_chain
+    cli("apply", model, "-m", "sparsegpt", "-s", "0.5", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "a.onnx").ok()
+    monkeypatch.setenv("ONNXPRUNE_CACHE_MB", "0")
+    spilled = []
+    real_spill = BoundaryCache._spill
+    monkeypatch.setattr(BoundaryCache, "_spill", lambda self, array: spilled.append(1) or real_spill(self, array))
+    cli("apply", model, "-m", "sparsegpt", "-s", "0.5", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "b.onnx").ok()
+    assert len(spilled) == 35  # one boundary tensor (layer 0's output) per sample
+    a, b = initializers(tmp_path / "a.onnx"), initializers(tmp_path / "b.onnx")
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def test_boundary_cache_budget():
+    cache = BoundaryCache(samples=2, budget_bytes=100)
+    small, big = np.ones(10, np.float32), np.ones(100, np.float32)
+    cache.put("x", 0, small)
+    cache.put("x", 1, big)
+    assert cache.in_memory == 40 and isinstance(cache.get("x", 1), np.memmap)
+    cache.put("x", 0, big)  # replaces the in-memory one: the budget is freed, still too small
+    assert cache.in_memory == 0 and isinstance(cache.get("x", 0), np.memmap)
+    spilled = Path(cache.get("x", 0).filename)
+    cache.keep_only(set())
+    assert "x" not in cache and not spilled.exists()
+    cache.close()
