@@ -11,8 +11,9 @@ Per output row with pruned set P and kept set K (Wanda's mask):
 the minimiser of E(w_P x_P − δ x_K)² + λ‖δ‖². When the layer has (or may get) a bias, C is the
 centred covariance XᵀX/n − μμᵀ and `b += w_P·μ_P − δ·μ_K` takes the mean of the removed
 contribution: jointly optimal in (δ, b). Without a bias C = XᵀX/n, so δ must carry the mean too.
-λ = damp·mean(diag C). All rows are solved together by conjugate gradients on the
-Jacobi-scaled system, one [rows, K] @ [K, K] float32 matmul per iteration. `data_free` chooses the
+λ = damp·mean(diag C). All rows are solved together on the Jacobi-scaled system: by batched
+Cholesky of each row's kept block when those are small enough, else by conjugate gradients (one
+[rows, K] @ [K, K] float32 matmul per iteration). `data_free` chooses the
 mask from |W| alone (no activation norms); the move still needs the statistics, since without them
 the only neutral assumption C = I has C_KP = 0 and moves nothing.
 """
@@ -38,6 +39,7 @@ class Mama(Wanda):
     damp = 0.01  # λ relative to mean(diag C); see `move`
     tol = 1e-6  # CG stops when every row's residual is below tol·‖rhs‖
     max_iter = 300  # ~20-50 are needed on heavy-tailed, correlated inputs
+    direct_max_kept = 2048  # exact batched Cholesky up to this many kept inputs per row, else CG
 
     def __init__(self, damp: float | None = None, data_free: bool = False):
         if damp is not None:
@@ -82,8 +84,31 @@ class Mama(Wanda):
         system = torch.from_numpy((scale[:, None] * damped * scale[None, :]).astype(np.float32))
         kept = torch.from_numpy(keep.astype(np.float32))
         rhs = (torch.from_numpy((removed / scale).astype(np.float32)) @ system) * kept
-        x = self._masked_cg(system, kept, rhs)
+        kept_per_row = keep.sum(axis=1)
+        if kept_per_row.min() == kept_per_row.max() and kept_per_row[0] <= self.direct_max_kept:
+            x = self._batched_cholesky(system, torch.from_numpy(keep), rhs)
+        else:
+            x = self._masked_cg(system, kept, rhs)
         return x.double().numpy() * scale
+
+    def _batched_cholesky(self, system: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """Exact solves, a chunk of rows at a time: every row keeps the same number k of inputs
+        (per-output and N:M masks), so its k×k sub-block of `system` batches with the others.
+        Costs rows·k³/3 flops: below CG's iterations·2·rows·K² for k up to a few thousand."""
+        rows, k = keep.shape[0], int(keep[0].sum())
+        index = keep.nonzero()[:, 1].reshape(rows, k)
+        x = torch.zeros_like(rhs)
+        chunk = max(1, (64 << 20) // (4 * k * k))  # ~64 MB of sub-blocks at a time
+        for start in range(0, rows, chunk):
+            idx = index[start:start + chunk]
+            blocks = system[idx[:, :, None], idx[:, None, :]]
+            factor, info = torch.linalg.cholesky_ex(blocks)
+            if bool((info != 0).any()):  # float32 breakdown on a near-singular block: CG copes
+                return self._masked_cg(system, keep.float(), rhs)
+            solved = torch.cholesky_solve(torch.gather(rhs[start:start + chunk], 1, idx)[..., None], factor)
+            x[start:start + chunk].scatter_(1, idx, solved[..., 0])
+        self.last_solve = {"iterations": 0, "residual": 0.0}
+        return x
 
     def _masked_cg(self, system: torch.Tensor, kept: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """Conjugate gradients for all rows at once on the kept sub-blocks of `system`.

@@ -190,7 +190,7 @@ def test_stopping_early_still_improves_on_wanda():
     """CG from δ = 0 lowers the output error at every step: a capped solve warns and is still better."""
     pattern, x, (w, b) = Pattern(0.5), activations(6), dense(6)
     method = Mama()
-    method.max_iter = 3
+    method.max_iter, method.direct_max_kept = 3, 0  # force the iterative solver
     with pytest.warns(UserWarning, match="stopped after 3 iterations"):
         w_mama, b_mama = prune(method, w, b, x, pattern)
     w_wanda, _ = prune(get_pass("wanda"), w, b, x, pattern)
@@ -247,3 +247,16 @@ def test_add_bias_and_data_free_through_the_cli(tmp_path, op):
     assert np.array_equal(np.sort(np.argsort(free_rows == 0, axis=1, kind="stable")[:, -16:], 1), np.sort(expected, 1))
     assert "takes no option --data-free" in cli("apply", model, "-m", "wanda", "-s", "0.5", "--data-free",
                                                 "--calib", tmp_path / "calib.npz", "-o", tmp_path / "w.onnx").err
+
+
+@pytest.mark.parametrize("label", ["0.5", "2:4"])
+def test_direct_and_iterative_solves_agree(label):
+    """Batched Cholesky (small kept blocks) and masked CG reach the same move."""
+    pattern, x, (w, b) = PATTERNS[label], activations(11), dense(11)
+    direct, iterative = Mama(), Mama()
+    iterative.direct_max_kept = 0
+    w_direct, b_direct = prune(direct, w, b, x, pattern)
+    w_iterative, b_iterative = prune(iterative, w, b, x, pattern)
+    assert direct.last_solve["iterations"] == 0 and iterative.last_solve["iterations"] > 0
+    np.testing.assert_allclose(w_direct, w_iterative, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(b_direct, b_iterative, rtol=1e-3, atol=1e-3)
