@@ -67,5 +67,10 @@ def report_markdown(report: Report) -> str:
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A table cell on one line: pipes escaped, line breaks shown as ⏎ (generated text has them)."""
+    return str(value).replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")
