@@ -28,10 +28,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from onnxprune.calibration import calibrate
 from onnxprune.model_io import load_model, save_model
+from onnxprune.runtime_bench.latency import measure
+from onnxprune.runtime_bench.providers import ProviderSettings, open_provider_session
 from onnxprune.structured import METHOD_NEEDS, StructuredPlan, count_params
 
 METHODS = ("l1", "wanda", "mama")
@@ -104,31 +105,19 @@ def prune_copy(dense: Path, out: Path, method: str, sparsity: float, samples) ->
             "calibrate_s": round(calibrated - start, 2), "prune_s": round(pruned - calibrated, 2)}
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def session(path: Path, threads: int | None):
+    # Spinning off: sessions run in turn, and one's spinning threads would slow the other.
+    return open_provider_session(path, "cpu", ProviderSettings(threads=threads, spin=False))
 
 
-def latencies(paths: dict[str, Path], inputs: dict[str, np.ndarray], runs: int, warmup: int, threads: int) -> dict:
-    """Interleaved: every round runs each model once, in a rotating order, so drift hits all alike."""
-    sessions = {name: session(path, threads) for name, path in paths.items()}
-    for _ in range(warmup):
-        for s in sessions.values():
-            s.run(None, inputs)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    names = list(sessions)
-    for round_ in range(runs):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            start = time.perf_counter()
-            sessions[name].run(None, inputs)
-            times[name].append(time.perf_counter() - start)
+def latencies(paths: dict[str, Path], inputs: dict[str, np.ndarray], runs: int, warmup: int, threads: int | None) -> dict:
+    """Round-robin rounds (runtime_bench.latency), so drift hits every model alike."""
+    times, _ = measure({name: session(path, threads) for name, path in paths.items()}, inputs, warmup, runs)
     return {name: {"p50_ms": float(np.percentile(t, 50) * 1e3), "p90_ms": float(np.percentile(t, 90) * 1e3)}
             for name, t in times.items()}
 
 
-def fidelity(dense: Path, pruned: Path, inputs: dict[str, np.ndarray], threads: int) -> dict:
+def fidelity(dense: Path, pruned: Path, inputs: dict[str, np.ndarray], threads: int | None) -> dict:
     reference = session(dense, threads).run(None, inputs)[0].astype(np.float64)
     output = session(pruned, threads).run(None, inputs)[0].astype(np.float64)
     cosine = (reference * output).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(output, axis=-1))
@@ -160,7 +149,7 @@ def run_case(name: str, dense: Path, out: Path, args, ids_calib: np.ndarray, ids
 
 def markdown(results: list[dict], args) -> str:
     lines = [f"# Structured FFN pruning ({args.sparsity:.0%} of every FFN's neurons), onnxruntime CPU", "",
-             f"batch {args.batch} x seqlen {args.seqlen}, {args.threads} threads, p50 of {args.runs} interleaved "
+             f"batch {args.batch} x seqlen {args.seqlen}, {args.threads or "default"} threads, p50 of {args.runs} interleaved "
              f"runs after {args.warmup} warm-up rounds; fidelity on held-out inputs vs the dense model.", "",
              "| model | method | params | p50 ms (dense -> pruned) | speed-up | token cosine | pooled cosine | rel. error |",
              "|---|---|---|---|---|---|---|---|"]
@@ -182,7 +171,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1: steady on shared machines)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: one per core)")
     parser.add_argument("--skip-minilm", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
