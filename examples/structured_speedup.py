@@ -149,7 +149,7 @@ def run_case(name: str, dense: Path, out: Path, args, ids_calib: np.ndarray, ids
 
 def markdown(results: list[dict], args) -> str:
     lines = [f"# Structured FFN pruning ({args.sparsity:.0%} of every FFN's neurons), onnxruntime CPU", "",
-             f"batch {args.batch} x seqlen {args.seqlen}, {args.threads or "default"} threads, p50 of {args.runs} interleaved "
+             f"batch {args.batch} x seqlen {args.seqlen}, {args.threads or 'default'} threads, p50 of {args.runs} interleaved "
              f"runs after {args.warmup} warm-up rounds; fidelity on held-out inputs vs the dense model.", "",
              "| model | method | params | p50 ms (dense -> pruned) | speed-up | token cosine | pooled cosine | rel. error |",
              "|---|---|---|---|---|---|---|---|"]
