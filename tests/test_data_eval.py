@@ -11,10 +11,10 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import cli
 from lm_fixtures import SEQLEN
 
 from onnxprune import data
-from onnxprune.cli import main
 from onnxprune.errors import UserError
 from onnxprune.evaluate import perplexity, window_loss
 
@@ -27,11 +27,9 @@ def reference_windows(ids, nsamples, seqlen, seed=0):
     return np.stack([ids[i:i + seqlen] for i in starts])
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+def run_cli(args):
+    result = cli(*args)
+    return result.code, result.out, result.err
 
 
 # --- data sources and windows ---------------------------------------------------------------
@@ -219,10 +217,10 @@ def test_perplexity_needs_logits(tmp_path, tokenizer, eval_txt):
 # --- CLI ------------------------------------------------------------------------------------
 
 
-def test_cli_eval(onnx_dir, eval_txt, tmp_path, capsys):
+def test_cli_eval(onnx_dir, eval_txt, tmp_path):
     out = tmp_path / "ppl.json"
     code, stdout, _ = run_cli(["eval", str(onnx_dir), "--eval", str(eval_txt), "--seqlen", str(SEQLEN),
-                               "--max-windows", "3", "--json", str(out)], capsys)
+                               "--max-windows", "3", "--json", str(out)])
     assert code == 0
     assert "perplexity" in stdout and "3 windows of 32 tokens" in stdout
     record = json.loads(out.read_text())
@@ -230,31 +228,31 @@ def test_cli_eval(onnx_dir, eval_txt, tmp_path, capsys):
     assert record["perplexity"] == pytest.approx(math.exp(record["mean_nll"]))
 
 
-def test_cli_eval_errors(onnx_dir, tokenizer_dir, eval_txt, tmp_path, capsys):
+def test_cli_eval_errors(onnx_dir, tokenizer_dir, eval_txt, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(onnx_dir / "model.onnx", bare / "model.onnx")
-    code, _, err = run_cli(["eval", str(bare / "model.onnx"), "--eval", str(eval_txt), "--seqlen", "32"], capsys)
+    code, _, err = run_cli(["eval", str(bare / "model.onnx"), "--eval", str(eval_txt), "--seqlen", "32"])
     assert code == 2
     assert err.startswith("error: no tokenizer") and "--tokenizer DIR" in err and err.count("\n") == 1
 
     code, stdout, _ = run_cli(["eval", str(bare / "model.onnx"), "--eval", str(eval_txt), "--seqlen", "32",
-                               "--tokenizer", str(tokenizer_dir), "--max-windows", "1"], capsys)
+                               "--tokenizer", str(tokenizer_dir), "--max-windows", "1"])
     assert code == 0 and "1 windows" in stdout
 
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    code, _, err = run_cli(["eval", str(onnx_dir), "--eval", str(short), "--seqlen", "32"], capsys)
+    code, _, err = run_cli(["eval", str(onnx_dir), "--eval", str(short), "--seqlen", "32"])
     assert code == 2
     assert err.startswith("error: ") and "tokens; one evaluation window needs 32" in err and err.count("\n") == 1
 
 
-def test_cli_apply_with_text_calibration(onnx_dir, eval_txt, tokenizer, tmp_path, capsys):
+def test_cli_apply_with_text_calibration(onnx_dir, eval_txt, tokenizer, tmp_path):
     """`apply --calib FILE.txt` tokenizes with the tokenizer beside the model; the pruned model evaluates."""
     out = tmp_path / "wanda.onnx"
     code, _, err = run_cli(["apply", str(onnx_dir / "model.onnx"), "-m", "wanda", "-s", "0.5", "--calib",
                             str(eval_txt), "--nsamples", "8", "--seqlen", str(SEQLEN), "-o", str(out),
-                            "--report", str(tmp_path / "r.json")], capsys)
+                            "--report", str(tmp_path / "r.json")])
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["targets"] and all(t["sparsity"] == 0.5 for t in report["targets"])
@@ -283,12 +281,12 @@ def test_generate_matches_torch_greedy(onnx_dir, torch_model_dir, tokenizer):
     assert ours.startswith(prompt) and len(ours) > len(prompt)
 
 
-def test_cli_generate(onnx_dir, capsys):
-    code, stdout, _ = run_cli(["generate", str(onnx_dir), "--prompt", "The class", "--max-new-tokens", "5"], capsys)
+def test_cli_generate(onnx_dir):
+    code, stdout, _ = run_cli(["generate", str(onnx_dir), "--prompt", "The class", "--max-new-tokens", "5"])
     assert code == 0 and stdout.startswith("The class")
 
 
-def test_fidelity_against_dense_twin(onnx_dir, tmp_path, capsys):
+def test_fidelity_against_dense_twin(onnx_dir, tmp_path):
     ids = np.random.default_rng(0).integers(3, 500, (6, 16)).astype(np.int64)
     np.savez(tmp_path / "x.npz", input_ids=ids, attention_mask=np.ones_like(ids),
              position_ids=np.broadcast_to(np.arange(16), ids.shape).copy())
@@ -297,11 +295,11 @@ def test_fidelity_against_dense_twin(onnx_dir, tmp_path, capsys):
     same = fidelity(onnx_dir / "model.onnx", onnx_dir / "model.onnx", tmp_path / "x.npz")["outputs"]["logits"]
     assert same["cosine"] == pytest.approx(1.0) and same["relative_error"] == 0 and same["top1_agreement"] == 1
     pruned = tmp_path / "p.onnx"
-    assert run_cli(["apply", str(onnx_dir), "-m", "magnitude", "-p", "2:4", "-o", str(pruned)], capsys)[0] == 0
+    assert run_cli(["apply", str(onnx_dir), "-m", "magnitude", "-p", "2:4", "-o", str(pruned)])[0] == 0
     code, stdout, _ = run_cli(["eval", str(pruned), "--reference", str(onnx_dir), "--inputs", str(tmp_path / "x.npz"),
-                               "--json", str(tmp_path / "f.json")], capsys)
+                               "--json", str(tmp_path / "f.json")])
     assert code == 0 and "top-1 agreement" in stdout
     metrics = json.loads((tmp_path / "f.json").read_text())["outputs"]["logits"]
     assert 0 < metrics["cosine"] < 1 and metrics["relative_error"] > 0 and metrics["rows"] == 6 * 16
-    code, _, err = run_cli(["eval", str(pruned), "--reference", str(onnx_dir)], capsys)
+    code, _, err = run_cli(["eval", str(pruned), "--reference", str(onnx_dir)])
     assert code == 2 and err.startswith("error: --reference needs --inputs") and err.count("\n") == 1
