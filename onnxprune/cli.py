@@ -275,7 +275,7 @@ def evaluate(
     """Perplexity of a causal LM through onnxruntime (as Wanda and SparseGPT measure it), or, with
     --reference, output fidelity of any model against its dense twin."""
     from onnxprune.model_io import resolve_model_path
-    from onnxprune.report import write_text_atomic
+    from onnxprune.atomic import write_text_atomic
 
     path = _existing_model(model)
     if reference is not None:

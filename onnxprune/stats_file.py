@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from onnxprune.atomic import atomic_path
 from onnxprune.errors import UserError
 
 _INDEX = "__index__"
@@ -26,15 +26,8 @@ def save_stats(path: str | os.PathLike, stats: dict[str, dict], metadata: dict) 
         for key, value in entry.items():
             arrays[f"s{slot}.{key}"] = np.asarray(value)
     arrays[_INDEX] = np.array(json.dumps(index))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as staging:
         np.savez(staging, **arrays)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune.atomic import atomic_path, write_text_atomic
 from onnxprune.data import evaluation_ids, load_tokenizer
 from onnxprune.errors import UserError, first_line
 from onnxprune.evaluate import perplexity_of_ids
@@ -27,7 +28,7 @@ from onnxprune.passes import available
 from onnxprune.patterns import parse_pattern
 from onnxprune.pipeline import PruneOptions, apply, calibrate_to_file
 from onnxprune.progress import progress_bar
-from onnxprune.report import markdown_table, write_text_atomic
+from onnxprune.report import markdown_table
 from onnxprune.samples import CalibrationOptions, calibration_samples
 
 DENSE = "dense"
@@ -251,7 +252,6 @@ def _plot(by_cell: dict, config: SweepConfig) -> None:
     axes.legend()
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    staging = config.out_dir / ".ppl_vs_level.png"
-    figure.savefig(staging, dpi=120)
+    with atomic_path(config.out_dir / "ppl_vs_level.png") as staging:
+        figure.savefig(staging, dpi=120)
     plt.close(figure)
-    os.replace(staging, config.out_dir / "ppl_vs_level.png")

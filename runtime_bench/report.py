@@ -7,7 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from onnxprune.report import markdown_table, write_text_atomic
+from onnxprune.atomic import write_text_atomic
+from onnxprune.report import markdown_table
 
 HEADER = ["model", "provider", "batch", "p50 ms", "p90 ms", "throughput /s", "speed-up vs baseline",
           "outputs check", "cosine vs baseline"]
