@@ -30,6 +30,7 @@ from onnxprune import __version__
 from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
 from onnxprune.errors import UserError
 from onnxprune.targets import FLOAT_TYPES, TINY_K, Layout, Target, discover_targets
+from onnxprune.targets import add_bias as give_bias
 from onnxprune.targets import _compile as compile_regex
 
 KINDS = ("ffn", "heads", "conv")
@@ -290,7 +291,7 @@ def lowest_units(scores: np.ndarray, sparsity: float) -> np.ndarray:
 
 
 def bias_moves(group: ChannelGroup, removed: np.ndarray, stats: dict[str, dict]) -> dict[int, tuple[Target, np.ndarray]]:
-    """MAMA's structured move, per consumer: Δb = W[:, P] μ_P (scaled by Gemm's alpha/beta)."""
+    """MAMA's structured move, per consumer: Δb = W[:, P] μ_P in output space (Gemm: times alpha)."""
     moves = {}
     for weight in group.consumers:
         entry = stats[weight.target.name]
@@ -300,7 +301,7 @@ def bias_moves(group: ChannelGroup, removed: np.ndarray, stats: dict[str, dict])
         delta = canonical[:, gone] @ mean[gone]
         node = weight.target.consumers[0].node
         if node.op_type == "Gemm":
-            delta *= node.attributes.get_float("alpha", 1.0) / node.attributes.get_float("beta", 1.0)
+            delta *= node.attributes.get_float("alpha", 1.0)
         moves[id(weight.target)] = (weight.target, delta)
     return moves
 
@@ -497,37 +498,18 @@ def _apply_moves(model: ir.Model, moves: dict, kept_rows: dict[int, np.ndarray],
         slot = _bias_slot(node)
         if slot is not None:
             holder, index = slot
+            if holder.op_type == "Gemm":
+                delta = delta / holder.attributes.get_float("beta", 1.0)  # Gemm adds beta·C
             bias = const_tensor(holder.inputs[index]).numpy()
             if bias.size != delta.size:
                 all_moved = False
                 continue
             editor.set_input(holder, index, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
-        elif add_bias:
-            _add_bias(model, editor, node, delta.astype(target.stored_dtype.numpy()))
+        elif add_bias and len(target.consumers) == 1:
+            give_bias(target, delta)
         else:
             all_moved = False
     return all_moved
-
-
-def _add_bias(model: ir.Model, editor: _Editor, node: ir.Node, bias: np.ndarray) -> None:
-    if node.op_type in ("Gemm", "Conv"):
-        editor.set_input(node, 2, bias)  # Gemm: Δb already carries alpha/beta
-        return
-    output = node.outputs[0]
-    name = editor.fresh_name(f"{node.name or output.name}.bias")
-    constant = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)),
-                        const_value=ir.Tensor(bias, name=name))
-    model.graph.register_initializer(constant)
-    biased = ir.Value(name=editor.fresh_name(output.name), type=output.type)
-    uses = list(output.uses())
-    add = ir.Node("", "Add", [output, constant], outputs=[biased], name=f"{node.name}/bias_Add")
-    model.graph.insert_after(node, add)
-    for use in uses:
-        use.node.replace_input_with(use.idx, biased)
-    outputs = model.graph.outputs
-    for i, value in enumerate(outputs):
-        if value is output:
-            outputs[i] = biased
 
 
 def _unread(model: ir.Model) -> tuple[set[ir.Node], set[str]]:
