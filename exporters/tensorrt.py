@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.patterns import nm_valid
-from onnxprune.targets import FLOAT_TYPES, Layout, Target, _trace_uses
+from onnxprune.targets import FLOAT_TYPES, Layout, Target, trace_weight_uses
 
 ALIGN_OUT, ALIGN_K = 8, 16
 LARGE_ENOUGH = 256
@@ -107,7 +107,7 @@ def _quantized_rows(graph: ir.Graph) -> list[dict]:
             extra = ("weight quantized with a non-zero zero point: TensorRT needs symmetric int8 weights",)
         if source is node.inputs[0]:  # stored codes: a weight is zero where its code is the zero point
             weight = weight.astype(np.int64) - zero_point
-        uses, _ = _trace_uses(node.outputs[0], transposed=False, via=("DequantizeLinear",), rank=weight.ndim)
+        uses, _ = trace_weight_uses(node.outputs[0], transposed=False, via=("DequantizeLinear",), rank=weight.ndim)
         for use in uses:
             layout = Layout(use.layout_kind, tuple(weight.shape))
             rows.append(_row(source.name, use.node, use.op, layout, layout.to_canonical(weight),

@@ -31,7 +31,7 @@ from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_te
 from onnxprune.errors import UserError
 from onnxprune.targets import FLOAT_TYPES, TINY_K, Layout, Target, discover_targets
 from onnxprune.targets import add_bias as give_bias
-from onnxprune.targets import _compile as compile_regex
+from onnxprune.targets import compile_regex
 
 KINDS = ("ffn", "heads", "conv")
 METHOD_NEEDS = {  # structured method -> calibration statistics of the consumers' inputs it needs

@@ -121,7 +121,7 @@ def discover_targets(model: ir.Model) -> list[Target]:
         tensor = value.const_value
         if tensor is None or tensor.dtype not in FLOAT_TYPES or value.is_graph_output():
             continue
-        weight_uses, other_uses = _trace_uses(value, transposed=False, via=())
+        weight_uses, other_uses = trace_weight_uses(value, transposed=False, via=())
         if not weight_uses:
             continue
         targets.append(_make_target(value, tuple(tensor.shape), weight_uses, other_uses))
@@ -133,7 +133,7 @@ def discover_targets(model: ir.Model) -> list[Target]:
 
 def select_targets(targets: list[Target], include: str | None = None, exclude: str | None = None) -> list[Target]:
     """The targets a pass will prune: the defaults, or those whose names match --include; minus --exclude."""
-    include_re, exclude_re = _compile(include, "--include"), _compile(exclude, "--exclude")
+    include_re, exclude_re = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
     chosen = []
     for target in targets:
         if target.skip_reason is not None:
@@ -150,7 +150,7 @@ def select_targets(targets: list[Target], include: str | None = None, exclude: s
     return chosen
 
 
-def _compile(pattern: str | None, option: str) -> re.Pattern | None:
+def compile_regex(pattern: str | None, option: str) -> re.Pattern | None:
     if pattern is None:
         return None
     try:
@@ -167,7 +167,7 @@ class _WeightUse:
     via: tuple[str, ...]
 
 
-def _trace_uses(value: ir.Value, transposed: bool, via: tuple[str, ...], rank: int | None = None):
+def trace_weight_uses(value: ir.Value, transposed: bool, via: tuple[str, ...], rank: int | None = None):
     """Follow a weight through Transpose/Cast to the ops that consume it.
 
     `rank` is the initializer's: Transpose and Cast keep it, and their outputs often carry no
@@ -183,11 +183,11 @@ def _trace_uses(value: ir.Value, transposed: bool, via: tuple[str, ...], rank: i
         if op == "Transpose" and index == 0 and rank == 2 and not node.outputs[0].is_graph_output():
             perm = node.attributes.get_ints("perm", [1, 0])
             flipped = transposed ^ (list(perm) == [1, 0])
-            found, others = _trace_uses(node.outputs[0], flipped, via + ("Transpose",), rank)
+            found, others = trace_weight_uses(node.outputs[0], flipped, via + ("Transpose",), rank)
             weight_uses += found
             other_uses += others
         elif op == "Cast" and index == 0 and not node.outputs[0].is_graph_output():
-            found, others = _trace_uses(node.outputs[0], transposed, via + ("Cast",), rank)
+            found, others = trace_weight_uses(node.outputs[0], transposed, via + ("Cast",), rank)
             weight_uses += found
             other_uses += others
         elif op == "MatMul" and index == 1 and rank == 2:
