@@ -47,10 +47,13 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def open_session(model_path: str | os.PathLike, providers: list[str] | None = None):
-    """An onnxruntime session on the .onnx file (external data is found beside it)."""
+def open_session(model_path, providers: list[str] | None = None):
+    """An onnxruntime session on the .onnx file (external data is found beside it); a session
+    passed in is used as it is, so callers evaluating one model several ways load it once."""
     import onnxruntime as ort
 
+    if isinstance(model_path, ort.InferenceSession):
+        return model_path
     path = resolve_model_path(model_path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
@@ -69,9 +72,10 @@ def perplexity(model_path: str | os.PathLike, tokenizer, source: str | os.PathLi
     return perplexity_of_ids(model_path, ids, seqlen, providers, max_windows)
 
 
-def perplexity_of_ids(model_path: str | os.PathLike, ids: np.ndarray, seqlen: int,
+def perplexity_of_ids(model_path, ids: np.ndarray, seqlen: int,
                       providers: list[str] | None = None, max_windows: int | None = None) -> PerplexityResult:
-    """Perplexity over the non-overlapping `seqlen` windows of the token ids `ids` (1-D)."""
+    """Perplexity over the non-overlapping `seqlen` windows of the token ids `ids` (1-D);
+    `model_path` may also be an open session (see `open_session`)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     windows = len(ids) // seqlen
     if windows == 0:

@@ -15,9 +15,10 @@ from onnxprune.errors import UserError, first_line
 from onnxprune.evaluate import logits_output, open_session
 
 
-def greedy_generate(model_path: str | os.PathLike, tokenizer, prompt: str, max_new_tokens: int,
+def greedy_generate(model_path, tokenizer, prompt: str, max_new_tokens: int,
                     providers: list[str] | None = None) -> str:
-    """`prompt` followed by up to `max_new_tokens` argmax tokens (stops at end-of-sequence)."""
+    """`prompt` followed by up to `max_new_tokens` argmax tokens (stops at end-of-sequence);
+    `model_path` may also be an open session (see `open_session`)."""
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0 (got {max_new_tokens})")
     session = open_session(model_path, providers)

@@ -21,7 +21,7 @@ import numpy as np
 from onnxprune.atomic import atomic_path, write_text_atomic
 from onnxprune.data import evaluation_ids, load_tokenizer
 from onnxprune.errors import UserError, first_line
-from onnxprune.evaluate import perplexity_of_ids
+from onnxprune.evaluate import open_session, perplexity_of_ids
 from onnxprune.generate import greedy_generate
 from onnxprune.model_io import load_model, resolve_model_path
 from onnxprune.passes import available
@@ -133,9 +133,10 @@ def _run_cell(model_path: Path, config: SweepConfig, method: str, label: str, to
                            "calibrate_s": timings.get("calibrate", 0.0) + timings.get("load_stats", 0.0),
                            "prune_s": timings.get("prune", 0.0),
                            "not_applicable": [s["node"] for s in report.skipped if "not applicable" in s["reason"]]})
-        ppl = perplexity_of_ids(pruned_path, eval_ids, config.seqlen, max_windows=config.max_windows)
+        session = open_session(pruned_path)  # loaded once for perplexity and the sample
+        ppl = perplexity_of_ids(session, eval_ids, config.seqlen, max_windows=config.max_windows)
         record["perplexity"] = ppl.perplexity
-        record["sample"] = greedy_generate(pruned_path, tokenizer, config.prompt, config.max_new_tokens)
+        record["sample"] = greedy_generate(session, tokenizer, config.prompt, config.max_new_tokens)
         record["status"] = "ok"
     except UserError as exc:
         not_applicable = "not applicable" in str(exc)
