@@ -102,7 +102,8 @@ def _shared_calibration(model_path: Path, config: SweepConfig, todo: list[tuple[
         inputs = [v.name for v in load_model(model_path).graph.inputs if not v.is_initializer()]
         samples = calibration_samples(model_path, inputs, CalibrationOptions(
             config.calib, config.nsamples, config.seqlen, config.tokenizer, config.seed))
-        np.savez(calib_file, **{name: np.concatenate([s[name] for s in samples]) for name in samples[0]})
+        with atomic_path(calib_file) as staging:  # a kill mid-write must not leave a file resume would reuse
+            np.savez(staging, **{name: np.concatenate([s[name] for s in samples]) for name in samples[0]})
     shared = {"calib": str(calib_file)}
     if config.one_shot:
         stats_file = config.out_dir / "statistics.npz"
