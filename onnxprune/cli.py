@@ -274,7 +274,6 @@ def evaluate(
 ) -> None:
     """Perplexity of a causal LM through onnxruntime (as Wanda and SparseGPT measure it), or, with
     --reference, output fidelity of any model against its dense twin."""
-    from onnxprune.model_io import resolve_model_path
     from onnxprune.atomic import write_text_atomic
 
     path = _existing_model(model)
@@ -283,8 +282,9 @@ def evaluate(
 
         if inputs is None:
             raise UserError("--reference needs --inputs X.npz (input tensors named after the model's inputs)")
-        result = {"model": str(path), "reference": str(_existing_model(reference)), "inputs": str(inputs),
-                  **fidelity(path, resolve_model_path(reference), inputs)}
+        reference_path = _existing_model(reference)
+        result = {"model": str(path), "reference": str(reference_path), "inputs": str(inputs),
+                  **fidelity(path, reference_path, inputs)}
         for name, metrics in result["outputs"].items():
             stdout.print(f"{name}: cosine {metrics['cosine']:.6f}, relative error {metrics['relative_error']:.6f}, "
                          f"top-1 agreement {metrics['top1_agreement']:.4f} ({metrics['rows']:,} rows, "
