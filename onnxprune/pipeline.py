@@ -84,16 +84,26 @@ class Report:
 
 
 class StageTimer:
+    """Wall time per stage. A stage opened inside another counts only for itself: the outer stage
+    gets its own time (calibrate excludes the data loading and pruning it triggers), so the stages
+    add up to the total."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # time spent in nested stages, per open stage
 
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 6)
+            elapsed = time.perf_counter() - start
+            own = elapsed - self._inner.pop()
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + own, 6)
+            if self._inner:
+                self._inner[-1] += elapsed
 
 
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
@@ -139,7 +149,8 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
     with timer.stage("emit"):
         pruned = {record.name for record in report.targets}
         report.emit = emit(model, options.target, [t for t in selected if t.name in pruned])
-    stamp_provenance(model, report)
+    stamp_provenance(model, report.method, report.pattern, report.sparsity, targets=len(report.targets),
+                     target=report.emit.get("target", "dense"))
     with timer.stage("save"):
         save_model(model, output, options.external_data)
     report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}
@@ -203,10 +214,8 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
         return prune(targets, stats)
     records: list[TargetRecord] = []
     groups = group_by_block(targets) if calib.sequential else [targets]
-    data = samples.samples()  # loaded (and timed as load_data) before the calibrate window opens
-    start = time.perf_counter()
-    calibrate(model, groups, data, needs, lambda group, stats: records.extend(prune(group, stats)))
-    timer.seconds["calibrate"] = round(time.perf_counter() - start - timer.seconds.get("prune", 0.0), 6)
+    with timer.stage("calibrate"):  # its load_data and prune stages are timed apart
+        calibrate(model, groups, samples.samples(), needs, lambda group, stats: records.extend(prune(group, stats)))
     return records
 
 
@@ -294,15 +303,10 @@ def _write_bias(target: Target, bias: np.ndarray) -> None:
     target.bias.const_value = ir.Tensor(bias.astype(dtype), name=target.bias.name)
 
 
-def stamp_provenance(model: ir.Model, report: Report) -> None:
-    model.metadata_props.update({
-        "onnxprune.version": report.onnxprune_version,
-        "onnxprune.method": report.method,
-        "onnxprune.pattern": report.pattern,
-        "onnxprune.sparsity": f"{report.sparsity:g}",
-        "onnxprune.targets": str(len(report.targets)),
-        "onnxprune.target": report.emit.get("target", "dense"),
-    })
+def stamp_provenance(model: ir.Model, method: str, pattern: str, sparsity: float, **extra: object) -> None:
+    """Record in the model's metadata_props what made it (onnxprune.version, .method, .pattern, ...)."""
+    model.metadata_props.update({f"onnxprune.{key}": str(value) for key, value in {
+        "version": __version__, "method": method, "pattern": pattern, "sparsity": f"{sparsity:g}", **extra}.items()})
 
 
 def _input_names(model: ir.Model) -> list[str]:

@@ -19,7 +19,6 @@ names live in `passes/`):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -543,7 +542,7 @@ def apply_structured(model_path, output_path, options) -> StructuredReport:
     method needs statistics, prune, save."""
     from onnxprune.calibration import calibrate
     from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
-    from onnxprune.pipeline import CalibrationSource, StageTimer
+    from onnxprune.pipeline import CalibrationSource, StageTimer, stamp_provenance
 
     method = structured_method(options.method)
     needs = METHOD_NEEDS[method]
@@ -561,17 +560,14 @@ def apply_structured(model_path, output_path, options) -> StructuredReport:
         source = CalibrationSource(model_path, model, options.calibration, timer)
         stats = source.stats_file()
         if stats is None:
-            start = time.perf_counter()
-            stats = calibrate(model, [plan.consumers()], source.samples(), needs)
-            timer.seconds["calibrate"] = round(time.perf_counter() - start, 6)
+            with timer.stage("calibrate"):  # its load_data stage is timed apart
+                stats = calibrate(model, [plan.consumers()], source.samples(), needs)
     with timer.stage("prune"):
         report = plan.prune(options.pattern.sparsity, method, stats, options.add_bias)
     report.input, report.output, report.seed = str(resolve_model_path(model_path)), str(output), options.seed
     if not report.pruned:
         raise UserError(f"no channel group could be pruned: {report.refused[0].reason}")
-    model.metadata_props.update({"onnxprune.version": __version__, "onnxprune.method": method,
-                                 "onnxprune.pattern": "structured", "onnxprune.sparsity": f"{report.sparsity:g}",
-                                 "onnxprune.groups": str(len(report.pruned))})
+    stamp_provenance(model, method, "structured", report.sparsity, groups=len(report.pruned))
     with timer.stage("save"):
         save_model(model, output, options.external_data)
     report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}

@@ -102,3 +102,16 @@ def test_boundary_cache_budget():
     cache.keep_only(set())
     assert "x" not in cache and not spilled.exists()
     cache.close()
+
+
+def test_stage_timer_counts_nested_stages_once(monkeypatch):
+    """A stage opened inside another counts for itself only, so stages add up to the wall time."""
+    import onnxprune.pipeline as pipeline
+
+    clock = iter([0.0, 1.0, 4.0, 10.0])  # outer opens, inner opens, inner closes, outer closes
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+    timer = pipeline.StageTimer()
+    with timer.stage("calibrate"):
+        with timer.stage("load_data"):
+            pass
+    assert timer.seconds == {"calibrate": 7.0, "load_data": 3.0}
