@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from onnxprune.errors import UserError, first_line
+from onnxprune.extras import require
 
 # Architecture class suffix → optimum task, for local directories (optimum infers tasks from the hub only).
 _TASK_BY_SUFFIX = [
@@ -48,6 +49,7 @@ def infer_task(model: str) -> str:
 def export_hf(model: str, out_dir: str | Path, task: str = "auto", with_past: bool = False,
               opset: int | None = None, dtype: str = "fp32", validate: bool = False) -> Path:
     """Export `model` into `out_dir`; returns the path of the main .onnx file."""
+    onnx_exporter = require("optimum.exporters.onnx", "export")
     if _looks_like_path(model) and not Path(model).exists():
         raise UserError(f"model directory not found: {model}")
     out_dir = Path(out_dir)
@@ -56,10 +58,8 @@ def export_hf(model: str, out_dir: str | Path, task: str = "auto", with_past: bo
     task = infer_task(model) if task == "auto" else task
     if with_past and not task.endswith("-with-past"):
         task += "-with-past"
-    from optimum.exporters.onnx import main_export
-
     try:
-        main_export(model_name_or_path=model, output=out_dir, task=task, opset=opset, dtype=dtype,
+        onnx_exporter.main_export(model_name_or_path=model, output=out_dir, task=task, opset=opset, dtype=dtype,
                     do_validation=validate)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"export of {model} failed: {first_line(exc)}") from None

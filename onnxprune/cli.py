@@ -187,8 +187,11 @@ def sweep(
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep every pruned model in OUT/models."),
 ) -> None:
     """Methods × levels (and N:M patterns): perplexity table, timing, samples and a plot; resumable."""
+    from onnxprune.extras import is_available, missing_extra_message
     from onnxprune.sweep import SweepConfig, run_sweep
 
+    if not is_available("matplotlib"):
+        print(f"note: no ppl_vs_level.png: {missing_extra_message('matplotlib', 'the plot')}", file=sys.stderr)
     config = SweepConfig(_split(methods), [_float(v, "--levels") for v in _split(levels)], _split(patterns), calib,
                          eval_source, out_dir, nsamples, seqlen, _optional_str(tokenizer), prompt, max_new_tokens,
                          max_windows, one_shot, keep_models)

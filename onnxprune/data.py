@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.errors import UserError, first_line
+from onnxprune.extras import require
 from onnxprune.model_io import resolve_model_path
 
 DATASETS = ("wikitext2", "c4", "ptb")
@@ -46,10 +47,9 @@ def load_tokenizer(model_path: str | os.PathLike, tokenizer_dir: str | os.PathLi
         where = f"in {directory}" if tokenizer_dir is not None else f"beside the model in {directory}"
         raise UserError(f"no tokenizer {where}; pass --tokenizer DIR (a directory with tokenizer.json "
                         "or tokenizer_config.json, e.g. the Hugging Face model's directory)")
-    from transformers import AutoTokenizer
-
+    transformers = require("transformers", "loading a tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        return transformers.AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer in {directory}: {first_line(exc)}") from None
 
@@ -194,10 +194,9 @@ def _read_text_file(path: Path) -> str:
 
 
 def _load_dataset(label: str, *args, **kwargs):
+    datasets = require("datasets", f"the {label} data set")
     try:
-        from datasets import load_dataset
-
-        return load_dataset(*args, **kwargs)
+        return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:
         raise UserError(f"cannot load the {label} data set ({first_line(exc)}); it needs the Hugging Face hub "
                         "or its local cache; pass a .txt or .jsonl file instead") from None

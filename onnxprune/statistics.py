@@ -8,9 +8,11 @@ Column order matches the canonical weight's K order (see `targets.Layout`).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from onnxprune.extras import LazyModule
 from onnxprune.targets import Consumer
+
+torch = LazyModule("torch", "calibration statistics")  # imported on first use: the core install has no torch
 
 STAT_KEYS = frozenset({"sq_sum", "gram", "sum", "tokens", "samples"})
 

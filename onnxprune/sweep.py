@@ -21,6 +21,7 @@ import numpy as np
 from onnxprune.atomic import atomic_path, write_text_atomic
 from onnxprune.data import evaluation_ids, load_tokenizer
 from onnxprune.errors import UserError, first_line
+from onnxprune.extras import is_available
 from onnxprune.evaluate import open_session, perplexity_of_ids
 from onnxprune.generate import greedy_generate
 from onnxprune.model_io import load_model, resolve_model_path
@@ -234,6 +235,8 @@ def _notes(results: list[dict]) -> str:
 
 
 def _plot(by_cell: dict, config: SweepConfig) -> None:
+    if not is_available("matplotlib"):
+        return  # the CLI said so up front: the tables are the results, the figure needs the [plot] extra
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,12 +23,14 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 
+from onnxprune.extras import LazyModule
 from onnxprune.passes.base import Layer, Pruned
 from onnxprune.passes.registry import register
 from onnxprune.passes.wanda import Wanda
 from onnxprune.patterns import Pattern, select_lowest
+
+torch = LazyModule("torch", "mama")  # imported on first use: the core install has no torch
 
 
 @register

@@ -11,11 +11,13 @@ block ("lazy batch" updates). Computed in float32 torch on CPU, like the referen
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from onnxprune.extras import LazyModule
 from onnxprune.passes.base import Layer, Pruned, PruningPass
 from onnxprune.passes.registry import register
 from onnxprune.patterns import Pattern
+
+torch = LazyModule("torch", "sparsegpt")  # imported on first use: the core install has no torch
 
 
 @register
