@@ -12,6 +12,7 @@ sample's activations and the statistics.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -148,15 +149,24 @@ def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers
 
 
 def _session(model: ir.Model, segment: Segment, outputs: list[str], example: Sample, providers):
-    proto = _segment_model(model, segment, outputs, example)
+    proto, weights = _segment_model(model, segment, outputs, example)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Weights go to onnxruntime as views of their arrays (memory maps of the input's external data,
+    # or the pruned tensors in memory), never serialized: onnxruntime copies only this segment's.
+    values = [_ort_value(t) for t in weights.values()]
+    options.add_external_initializers(list(weights), values)
+    base_dir = _external_base_dir(model)
+    if base_dir:  # external tensors inside subgraphs stay references, resolved beside the model
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
     try:
-        return ort.InferenceSession(proto.SerializeToString(), options,
-                                    providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options,
+                                       providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:
         raise UserError(f"onnxruntime cannot run the calibration segment ending at "
                         f"{segment.targets[-1].node_name}: {first_line(exc)}") from None
+    session.weights = values  # the arrays onnxruntime was given stay alive as long as the session
+    return session
 
 
 def _run(session, outputs: list[str], feeds: Sample, segment: Segment) -> list[np.ndarray]:
@@ -167,23 +177,59 @@ def _run(session, outputs: list[str], feeds: Sample, segment: Segment) -> list[n
                         f"{segment.targets[-1].node_name}: {first_line(exc)}") from None
 
 
-def _segment_model(model: ir.Model, segment: Segment, outputs: list[str], example: Sample) -> onnx.ModelProto:
-    initializers = {}
+# Initializers at least this large reach onnxruntime as external initializers (no serialization).
+_INLINE_MAX_BYTES = 1024
+
+
+def _segment_model(model: ir.Model, segment: Segment, outputs: list[str],
+                   example: Sample) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
+    """The segment as a model, and the initializers it leaves to `add_external_initializers`:
+    their protos are placeholders marked external, so no weight bytes enter the protobuf."""
+    initializers, weights = [], {}
     for name, value in _consumed(segment.nodes).items():
-        if value.is_initializer() and value.const_value is not None:
-            tensor = ir.serde.serialize_tensor(value.const_value)
-            tensor.name = name
-            initializers[name] = tensor
+        if not value.is_initializer() or value.const_value is None:
+            continue
+        tensor = value.const_value
+        if _passable(tensor) and (isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= _INLINE_MAX_BYTES):
+            weights[name] = tensor
+            proto = onnx.TensorProto(name=name, data_type=tensor.dtype.value, dims=tensor.shape.numpy(),
+                                     data_location=onnx.TensorProto.EXTERNAL)
+            proto.external_data.add(key="location", value="onnxprune-in-memory")
+        else:
+            proto = ir.serde.serialize_tensor(tensor)
+            proto.name = name
+        initializers.append(proto)
     inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(example[name].dtype), None)
               for name in segment.inputs]
     graph = helper.make_graph([ir.serde.serialize_node(n) for n in segment.nodes], "segment", inputs,
-                              [helper.make_empty_tensor_value_info(name) for name in outputs],
-                              list(initializers.values()))
+                              [helper.make_empty_tensor_value_info(name) for name in outputs], initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, version)
                                                     for domain, version in model.opset_imports.items()])
     proto.ir_version = model.ir_version
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    return proto
+    return proto, weights
+
+
+def _passable(tensor: ir.TensorProtocol) -> bool:
+    """Whether the tensor's bytes can be handed over as an array (sub-byte types are packed)."""
+    return tensor.dtype.bitwidth in (8, 16, 32, 64) and tensor.dtype != ir.DataType.STRING
+
+
+def _ort_value(tensor: ir.TensorProtocol) -> ort.OrtValue:
+    array = np.ascontiguousarray(tensor.numpy())
+    if array.dtype.kind in "biufc":
+        return ort.OrtValue.ortvalue_from_numpy(array)
+    # ml_dtypes (bfloat16, float8): onnxruntime takes the raw bits with the ONNX type.
+    bits = array.view(np.dtype(f"uint{8 * array.dtype.itemsize}"))
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, tensor.dtype.value)
+
+
+def _external_base_dir(model: ir.Model) -> str | None:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return os.path.abspath(value.const_value.base_dir)
+    return None
 
 
 def _consumed(nodes: list[ir.Node]) -> dict[str, ir.Value]:

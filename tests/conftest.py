@@ -61,12 +61,12 @@ def cli(*args) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
-def cli_process(*args) -> CliResult:
-    """Run `python -m onnxprune ARGS` as a real process (real exit code and stderr)."""
+def cli_process(*args, cwd: Path = REPO) -> CliResult:
+    """Run `python -m onnxprune ARGS` as a real process (real exit code and stderr) in `cwd`."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
     env.pop("ONNXPRUNE_DEBUG", None)
     done = subprocess.run([sys.executable, "-m", "onnxprune", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
+                          text=True, env=env, cwd=cwd, timeout=300)
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 
