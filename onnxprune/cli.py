@@ -292,6 +292,7 @@ def evaluate(
             stdout.print(f"{name}: cosine {metrics['cosine']:.6f}, relative error {metrics['relative_error']:.6f}, "
                          f"top-1 agreement {metrics['top1_agreement']:.4f} ({metrics['rows']:,} rows, "
                          f"{result['samples']} samples)")
+            _warn(f"{name}: {warning}" for warning in metrics["warnings"])
     else:
         from onnxprune.data import load_tokenizer
         from onnxprune.evaluate import perplexity
@@ -300,6 +301,7 @@ def evaluate(
         result = {"model": str(path), "eval": eval_source, **ppl.as_dict()}
         stdout.print(f"perplexity {ppl.perplexity:.4f} on {eval_source}: {ppl.windows} windows of {seqlen} tokens "
                      f"({ppl.windows * seqlen:,} of {ppl.tokens:,} tokens) in {ppl.seconds:.2f} s")
+        _warn(ppl.warnings)
     if json_out:
         write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
         stdout.print(f"wrote {json_out}")
@@ -360,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with ONNXPRUNE_DEBUG=1 for a traceback)", 1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _warn(warnings) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> None:

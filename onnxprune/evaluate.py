@@ -31,13 +31,15 @@ class PerplexityResult:
     seqlen: int
     tokens: int        # tokens in the whole evaluation text
     seconds: float
+    warnings: tuple[str, ...] = ()  # why the number may be meaningless (non-finite logits)
 
     def __float__(self) -> float:
         return self.perplexity
 
     def as_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "windows": self.windows,
-                "seqlen": self.seqlen, "tokens": self.tokens, "seconds": self.seconds}
+                "seqlen": self.seqlen, "tokens": self.tokens, "seconds": self.seconds,
+                "warnings": list(self.warnings)}
 
 
 def default_providers() -> list[str]:
@@ -86,7 +88,7 @@ def perplexity_of_ids(model_path, ids: np.ndarray, seqlen: int,
     session = open_session(model_path, providers)
     input_names = [i.name for i in session.get_inputs()]
     logits_name = logits_output(session)
-    nlls = []
+    nlls, broken = [], 0
     for k in progress_bar(range(windows), "perplexity"):
         window = ids[k * seqlen:(k + 1) * seqlen][None]
         feeds = model_feeds(input_names, window)
@@ -95,9 +97,12 @@ def perplexity_of_ids(model_path, ids: np.ndarray, seqlen: int,
         except Exception as exc:
             raise UserError(f"onnxruntime failed on window {k}: {first_line(exc)}") from None
         _check_logits(logits, window)
+        broken += not np.isfinite(logits).all()
         nlls.append(window_loss(logits[0], window[0]) * seqlen)
     mean_nll = float(np.sum(nlls) / (windows * seqlen))
-    return PerplexityResult(math.exp(mean_nll), mean_nll, windows, seqlen, len(ids), time.perf_counter() - started)
+    warnings = (f"{broken} of {windows} windows gave NaN or Inf logits: the perplexity is meaningless",) if broken else ()
+    return PerplexityResult(math.exp(mean_nll), mean_nll, windows, seqlen, len(ids), time.perf_counter() - started,
+                            warnings)
 
 
 def window_loss(logits: np.ndarray, ids: np.ndarray) -> float:

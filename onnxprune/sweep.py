@@ -138,6 +138,8 @@ def _run_cell(model_path: Path, config: SweepConfig, method: str, label: str, to
         session = open_session(pruned_path)  # loaded once for perplexity and the sample
         ppl = perplexity_of_ids(session, eval_ids, config.seqlen, max_windows=config.max_windows)
         record["perplexity"] = ppl.perplexity
+        if ppl.warnings:
+            record["warnings"] = list(ppl.warnings)
         record["sample"] = greedy_generate(session, tokenizer, config.prompt, config.max_new_tokens)
         record["status"] = "ok"
     except UserError as exc:
