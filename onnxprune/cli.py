@@ -34,6 +34,8 @@ CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, 
 NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
 SEQLEN_OPTION = typer.Option(2048, "--seqlen", help="Tokens per calibration window.")
 TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: beside the model).")
+RAY_OPTION = typer.Option(None, "--ray", help="Run on a Ray cluster: 'auto' (the one `ray start` runs here, else a new local one) or its ADDRESS (host:6379, ray://host:10001). Needs pip install 'onnxprune[ray]'.")
+SHARED_STORAGE_OPTION = typer.Option(False, "--shared-storage", help="With --ray: the nodes read the model (and OUT) at the same paths instead of copies through Ray's object store.")
 
 
 @app.command()
@@ -185,8 +187,14 @@ def sweep(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
     one_shot: bool = typer.Option(False, "--one-shot", help="Dense statistics computed once and shared by every cell."),
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep every pruned model in OUT/models."),
+    ray: Optional[str] = RAY_OPTION,
+    cell_cpus: float = typer.Option(1.0, "--cell-cpus", min=0, help="With --ray: CPUs each cell's task reserves."),
+    cell_gpus: float = typer.Option(0.0, "--cell-gpus", min=0, help="With --ray: GPUs each cell's task reserves (fractions share a GPU)."),
+    max_retries: int = typer.Option(2, "--max-retries", min=0, help="With --ray: re-runs of a cell whose worker or node died, before it is recorded as failed."),
+    shared_storage: bool = SHARED_STORAGE_OPTION,
 ) -> None:
     """Methods × levels (and N:M patterns): perplexity table, timing, samples and a plot; resumable."""
+    from onnxprune.distributed import ClusterOptions
     from onnxprune.extras import is_available, missing_extra_message
     from onnxprune.sweep import SweepConfig, run_sweep
 
@@ -195,7 +203,8 @@ def sweep(
     config = SweepConfig(_split(methods), [_float(v, "--levels") for v in _split(levels)], _split(patterns), calib,
                          eval_source, out_dir, nsamples, seqlen, _optional_str(tokenizer), prompt, max_new_tokens,
                          max_windows, one_shot, keep_models)
-    results = run_sweep(_existing_model(model), config)
+    cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
+    results = run_sweep(_existing_model(model), config, cluster)
     failed = [r for r in results if r["status"] == "error"]
     stdout.print(f"{len(results)} cells in {out_dir}/results.jsonl ({len(failed)} failed); tables in "
                  f"{out_dir}/table.md, timing.md, samples.md; plot {out_dir}/ppl_vs_level.png")

@@ -59,7 +59,7 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
     if out.resolve() == src:
         raise UserError(f"output path {out} is the input model; choose another -o")
     external = _external_data_file(out).resolve()
-    if external.exists() and external.parent == src.parent and external.name in _external_files_of(src):
+    if external.exists() and external.parent == src.parent and external.name in external_files_of(src):
         raise UserError(f"output {out} would overwrite the input's external data {external.name}")
     return out
 
@@ -92,7 +92,7 @@ def _external_data_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + ".data")
 
 
-def _external_files_of(model_path: Path) -> set[str]:
+def external_files_of(model_path: Path) -> set[str]:
     """Names of the external data files an existing model refers to (empty if unreadable)."""
     if not model_path.is_file():
         return set()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from onnxprune.atomic import atomic_path, write_text_atomic
 from onnxprune.data import evaluation_ids, load_tokenizer
+from onnxprune.distributed import ClusterOptions, require_ray
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import is_available
 from onnxprune.evaluate import open_session, perplexity_of_ids
@@ -71,8 +73,12 @@ def validate(config: SweepConfig) -> None:
         raise UserError("--methods is empty")
 
 
-def run_sweep(model_path: str | Path, config: SweepConfig) -> list[dict]:
+def run_sweep(model_path: str | Path, config: SweepConfig, cluster: ClusterOptions | None = None) -> list[dict]:
+    """Run the cells not yet in results.jsonl, here one after the other, or as tasks on a Ray
+    `cluster`; either way this process alone appends their records."""
     validate(config)
+    if cluster is not None:
+        require_ray()  # before any work
     model_path = resolve_model_path(model_path)
     out = config.out_dir
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -82,17 +88,23 @@ def run_sweep(model_path: str | Path, config: SweepConfig) -> list[dict]:
     if todo:
         tokenizer = load_tokenizer(model_path, config.tokenizer)
         eval_ids = evaluation_ids(tokenizer, config.eval_source, config.seqlen)
-        shared = _shared_calibration(model_path, config, todo, results_path)
-        for method, label in progress_bar(todo, "sweep cells"):
-            record = _run_cell(model_path, config, method, label, tokenizer, eval_ids, shared)
-            _append(results_path, record)
+        if cluster is not None:
+            from onnxprune.ray_sweep import run_cells_on_ray
+
+            run_cells_on_ray(model_path, config, todo, tokenizer, eval_ids, results_path, cluster)
+        else:
+            shared = shared_calibration(model_path, config, todo, results_path)
+            for method, label in progress_bar(todo, "sweep cells"):
+                append_result(results_path, run_cell(model_path, config, method, label, tokenizer, eval_ids, shared))
     results = read_results(results_path)
     write_outputs(results, config)
     return results
 
 
-def _shared_calibration(model_path: Path, config: SweepConfig, todo: list[tuple[str, str]], results_path: Path) -> dict:
-    """Calibration windows written once as .npz feeds; with --one-shot also one statistics file."""
+def shared_calibration(model_path: Path, config: SweepConfig, todo: list[tuple[str, str]], results_path: Path,
+                       compute_statistics: Callable[[Path, Path], dict] | None = None) -> dict:
+    """Calibration windows written once as .npz feeds; with --one-shot also one statistics file,
+    made by `compute_statistics(calibration file, statistics file)` (by default here)."""
     needs_data = any(method != DENSE and available()[method].needs for method, _ in todo)
     if not needs_data:
         return {}
@@ -109,23 +121,32 @@ def _shared_calibration(model_path: Path, config: SweepConfig, todo: list[tuple[
     if config.one_shot:
         stats_file = config.out_dir / "statistics.npz"
         if not stats_file.exists():
-            summary = calibrate_to_file(model_path, stats_file, CalibrationOptions(str(calib_file), config.nsamples),
-                                        None, None, None)
-            _append(results_path, {"method": STATISTICS, "label": "one-shot", "status": "ok",
-                                   "seconds": summary["seconds"], "samples": summary["samples"]})
+            compute = compute_statistics or (lambda calib, stats: one_shot_statistics(model_path, calib, stats, config))
+            summary = compute(calib_file, stats_file)
+            append_result(results_path, {"method": STATISTICS, "label": "one-shot", "status": "ok",
+                                         "seconds": summary["seconds"], "samples": summary["samples"]})
         shared["stats"] = str(stats_file)
     return shared
 
 
-def _run_cell(model_path: Path, config: SweepConfig, method: str, label: str, tokenizer, eval_ids: np.ndarray,
-              shared: dict) -> dict:
-    record = {"method": method, "label": label, "level": parse_pattern(*_pattern_args(label)).sparsity}
+def one_shot_statistics(model_path: Path, calib_file: Path, stats_file: Path, config: SweepConfig) -> dict:
+    """The dense model's statistics for every method, from the calibration windows, into `stats_file`."""
+    return calibrate_to_file(model_path, stats_file, CalibrationOptions(str(calib_file), config.nsamples),
+                             None, None, None)
+
+
+def run_cell(model_path: Path, config: SweepConfig, method: str, label: str, tokenizer, eval_ids: np.ndarray,
+             shared: dict) -> dict:
+    """Prune, evaluate and sample one cell: its results.jsonl record (a failure is a record too).
+    `shared` holds the calibration and statistics files, and where pruned models go ("models")."""
+    record = cell_record(method, label)
     started = time.perf_counter()
     pruned_path = model_path
     try:
         if method != DENSE:
             pattern = parse_pattern(*_pattern_args(label))
-            pruned_path = config.out_dir / "models" / f"{method}-{label.replace(':', 'of')}.onnx"
+            models_dir = Path(shared.get("models", config.out_dir / "models"))
+            pruned_path = models_dir / f"{method}-{label.replace(':', 'of')}.onnx"
             calibration = CalibrationOptions(shared.get("calib"), config.nsamples, config.seqlen, config.tokenizer,
                                              config.seed, not config.one_shot, shared.get("stats"))
             report = apply(model_path, pruned_path, PruneOptions(method, pattern, seed=config.seed,
@@ -155,6 +176,11 @@ def _run_cell(model_path: Path, config: SweepConfig, method: str, label: str, to
     return record
 
 
+def cell_record(method: str, label: str) -> dict:
+    """The fields every record of a cell starts with."""
+    return {"method": method, "label": label, "level": parse_pattern(*_pattern_args(label)).sparsity}
+
+
 def _pattern_args(label: str):
     return (label, None) if ":" in label else (None, float(label))
 
@@ -171,7 +197,7 @@ def read_results(path: Path) -> list[dict]:
     return results
 
 
-def _append(path: Path, record: dict) -> None:
+def append_result(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as stream:
         stream.write(json.dumps(record) + "\n")
         stream.flush()

@@ -25,7 +25,7 @@ def read(out):
 
 def test_sweep_fills_every_cell_and_resumes(onnx_dir, eval_txt, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    real_run_cell = sweep_module._run_cell
+    real_run_cell = sweep_module.run_cell
     calls = []
 
     def killed_after_three(*args, **kwargs):
@@ -34,7 +34,7 @@ def test_sweep_fills_every_cell_and_resumes(onnx_dir, eval_txt, tmp_path, monkey
         calls.append(args[2:4])
         return real_run_cell(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "_run_cell", killed_after_three)
+    monkeypatch.setattr(sweep_module, "run_cell", killed_after_three)
     assert cli(*sweep_args(onnx_dir, eval_txt, out)).code == 130
     first = read(out)
     assert len(first) == 3
@@ -45,7 +45,7 @@ def test_sweep_fills_every_cell_and_resumes(onnx_dir, eval_txt, tmp_path, monkey
         resumed.append(args[2:4])
         return real_run_cell(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "_run_cell", counting)
+    monkeypatch.setattr(sweep_module, "run_cell", counting)
     cli(*sweep_args(onnx_dir, eval_txt, out)).ok()
     results = read(out)
     cells = {(r["method"], r["label"]) for r in results}
