@@ -27,9 +27,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Prune neural networks as ONNX graphs.")
 stdout = Console(width=None if sys.stdout.isatty() else 160)  # pipes and CI logs get wide tables
 
-
-# What each hardware target prunes when no --pattern is given.
-TARGET_DEFAULT_PATTERNS = {"tensorrt": "2:4", "cpu": "structured"}
 CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, or a .npz of input tensors.")
 NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
 SEQLEN_OPTION = typer.Option(2048, "--seqlen", help="Tokens per calibration window.")
@@ -63,15 +60,14 @@ def apply(
     target: str = typer.Option("dense", "--target", help="dense (zeros in place), compressed (smaller file, same weights), tensorrt (2:4 + eligibility report), cpu (structured shrinking)."),
 ) -> None:
     """Prune MODEL's weights and write a new ONNX model."""
+    from onnxprune.emit import default_pattern
     from onnxprune.patterns import parse_pattern
     from onnxprune.pipeline import PruneOptions
     from onnxprune.pipeline import apply as run_apply
     from onnxprune.report import write_report
     from onnxprune.samples import CalibrationOptions
 
-    if pattern is None and target in TARGET_DEFAULT_PATTERNS and (sparsity is None or target == "cpu"):
-        pattern = TARGET_DEFAULT_PATTERNS[target]
-    spec = parse_pattern(pattern, sparsity)
+    spec = parse_pattern(default_pattern(target, pattern, sparsity), sparsity)
     output = output or _default_output(model, method, spec.label, spec.sparsity)
     calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer), seed, not one_shot,
                                      _optional_str(stats))
@@ -304,7 +300,7 @@ def evaluate(
             _warn(f"{name}: {warning}" for warning in metrics["warnings"])
     else:
         from onnxprune.data import load_tokenizer
-        from onnxprune.evaluate import perplexity
+        from onnxprune.evaluation import perplexity
 
         ppl = perplexity(path, load_tokenizer(path, tokenizer_dir), eval_source, seqlen, max_windows=max_windows)
         result = {"model": str(path), "eval": eval_source, **ppl.as_dict()}

@@ -35,8 +35,11 @@ _C4_EVAL_WINDOWS = 256      # evaluation keeps the first 256 * seqlen tokens
 _C4_MAX_DRAWS = 100_000     # documents drawn before giving up on finding one longer than seqlen
 
 
-def load_tokenizer(model_path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None):
+def load_tokenizer(model_path: str | os.PathLike | None, tokenizer_dir: str | os.PathLike | None = None):
     """The tokenizer in `tokenizer_dir`, else the one stored beside the model (as `onnxprune export` does)."""
+    if tokenizer_dir is None and model_path is None:
+        raise UserError("a model given in memory has no folder to find its tokenizer in: pass tokenizer=DIR "
+                        "(a directory with tokenizer.json or tokenizer_config.json)")
     if tokenizer_dir is not None:
         directory = Path(tokenizer_dir)
         if not directory.is_dir():

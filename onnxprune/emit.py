@@ -16,8 +16,17 @@ from onnxprune.patterns import Pattern
 from onnxprune.targets import Target
 
 TARGETS = ("dense", "compressed", "tensorrt", "cpu")
+# What each hardware target prunes when no pattern is given.
+TARGET_DEFAULT_PATTERNS = {"tensorrt": "2:4", "cpu": "structured"}
 CPU_NOTE = ("onnxruntime's CPU kernels are dense: unstructured or N:M zeros make the model no faster there; "
             "--pattern structured removes whole neurons, heads and channels instead")
+
+
+def default_pattern(target: str, pattern: str | None, sparsity: float | None) -> str | None:
+    """The pattern a target implies when none is given (tensorrt: 2:4 unless a sparsity is; cpu: structured)."""
+    if pattern is None and target in TARGET_DEFAULT_PATTERNS and (sparsity is None or target == "cpu"):
+        return TARGET_DEFAULT_PATTERNS[target]
+    return pattern
 
 
 def check_target(target: str, pattern: Pattern, structured: bool) -> str | None:

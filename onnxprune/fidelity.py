@@ -16,15 +16,16 @@ import numpy as np
 
 from onnxprune.data import check_inputs_match, load_npz_inputs
 from onnxprune.errors import UserError, first_line
-from onnxprune.evaluate import open_session
+from onnxprune.evaluation import open_session
 from onnxprune.progress import progress_bar
 
 _BATCH = 16  # samples run at once
 
 
-def fidelity(model_path: str | os.PathLike, reference_path: str | os.PathLike, inputs_path: str | os.PathLike,
+def fidelity(model_path, reference_path, inputs: str | os.PathLike | dict[str, np.ndarray],
              providers: list[str] | None = None) -> dict:
-    arrays = load_npz_inputs(inputs_path)
+    """`model_path` / `reference_path`: anything `open_session` takes; `inputs`: a .npz or its arrays."""
+    arrays = inputs if isinstance(inputs, dict) else load_npz_inputs(inputs)
     model, reference = open_session(model_path, providers), open_session(reference_path, providers)
     names = [i.name for i in model.get_inputs()]
     check_inputs_match(names, arrays)

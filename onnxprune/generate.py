@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxprune.data import model_feeds, tokenize
 from onnxprune.errors import UserError, first_line
-from onnxprune.evaluate import logits_output, open_session
+from onnxprune.evaluation import logits_output, open_session
 
 
 def greedy_generate(model_path, tokenizer, prompt: str, max_new_tokens: int,

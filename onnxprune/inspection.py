@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx_ir as ir
+
 from onnxprune.model_io import load_model, resolve_model_path
 from onnxprune.patterns import nm_valid, sparsity_of
 from onnxprune.targets import discover_targets, select_targets
 
 
-def inspect_model(path: str | Path, nm_patterns: list[tuple[int, int]], include: str | None = None,
-                  exclude: str | None = None) -> dict:
-    model = load_model(path)
+def inspect_model(path: str | Path | ir.Model, nm_patterns: list[tuple[int, int]], include: str | None = None,
+                  exclude: str | None = None, label: str | None = None) -> dict:
+    """`path`: a model file, or a loaded model (then `label` names it in the result)."""
+    model = path if isinstance(path, ir.Model) else load_model(path)
     targets = discover_targets(model)
     selected = {id(t) for t in select_targets(targets, include, exclude)}
     rows = []
@@ -37,7 +40,7 @@ def inspect_model(path: str | Path, nm_patterns: list[tuple[int, int]], include:
     params = sum(r["params"] for r in rows)
     zeros = sum(r["zeros"] for r in rows)
     return {
-        "model": str(resolve_model_path(path)),
+        "model": label or str(resolve_model_path(path)),
         "targets": rows,
         "totals": {
             "candidates": len(rows),

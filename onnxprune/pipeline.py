@@ -20,7 +20,8 @@ from onnxprune.model_io import check_output_path, load_model, resolve_model_path
 from onnxprune.passes import Layer, NotApplicable, PruningPass, get_pass
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
-from onnxprune.samples import CalibrationOptions, calibration_samples
+from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibration_record, calibration_samples,
+                               samples_record, stats_file_record)
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS
 from onnxprune.targets import Target, add_bias, discover_targets, select_targets
@@ -70,6 +71,7 @@ class Report:
     allocation: dict[str, float] = field(default_factory=dict)  # per-block sparsity when not uniform
     emit: dict = field(default_factory=dict)  # what the hardware emitter did (onnxprune.emit)
     notes: list[str] = field(default_factory=list)  # advice for the user
+    calibration: dict = field(default_factory=dict)  # the data used and its hash (samples.calibration_record)
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -81,6 +83,11 @@ class Report:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "totals": self.totals}
+
+    def provenance(self) -> dict:
+        """Extra metadata_props entries for the output model (beyond method, pattern, sparsity)."""
+        return {"targets": len(self.targets), "target": self.emit.get("target", "dense"),
+                **calibration_metadata(self.calibration)}
 
 
 class StageTimer:
@@ -105,28 +112,62 @@ class StageTimer:
             if self._inner:
                 self._inner[-1] += elapsed
 
+    def totals(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(sum(self.seconds.values()), 6)}
+
 
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
     """Prune the model at `model_path` into `output_path`; the input file is never modified."""
-    note = check_target(options.target, options.pattern, options.pattern.structured)
-    if options.pattern.structured:  # whole channels out: a smaller dense graph (onnxprune.structured)
-        from onnxprune.structured import apply_structured
-
-        return apply_structured(model_path, output_path, options)
-    method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
     output = check_output_path(model_path, output_path)
     timer = StageTimer()
     with timer.stage("load"):
         model = load_model(model_path)
+    report = prune_model(model, options, CalibrationSource(model_path, model, options.calibration, timer), timer)
+    report.input = str(resolve_model_path(model_path))
+    save_pruned(model, report, output, options.external_data)
+    return report
+
+
+def prune_model(model: ir.Model, options: PruneOptions, samples: CalibrationSource | None = None,
+                timer: StageTimer | None = None) -> Report:
+    """Prune `model` in place (the one implementation behind `apply` and `onnxprune.prune`);
+    `samples` supplies calibration data or precomputed statistics when the method needs them."""
+    timer = timer or StageTimer()
+    samples = samples or CalibrationSource(None, model, options.calibration, timer)
+    note = check_target(options.target, options.pattern, options.pattern.structured)
+    if options.pattern.structured:  # whole channels out: a smaller dense graph (onnxprune.structured)
+        from onnxprune.structured import prune_structured
+
+        report = prune_structured(model, options, samples, timer)
+    else:
+        report = _prune_weights(model, options, samples, timer)
+        report.notes += [note] if note else []
+    report.calibration = samples.record()
+    stamp_provenance(model, report.method, report.pattern, report.sparsity, **report.provenance())
+    report.timings_s = timer.totals()
+    return report
+
+
+def save_pruned(model: ir.Model, report, output: str | Path, external_data: bool | None = None) -> Path:
+    """The saving step of `apply` (and of `PruneResult.save`): atomic, its time added to the report's."""
+    start = time.perf_counter()
+    path = save_model(model, output, external_data)
+    seconds = {stage: value for stage, value in report.timings_s.items() if stage != "total"}
+    seconds["save"] = round(seconds.get("save", 0.0) + time.perf_counter() - start, 6)
+    report.output, report.timings_s = str(path), {**seconds, "total": round(sum(seconds.values()), 6)}
+    return path
+
+
+def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationSource, timer: StageTimer) -> Report:
+    method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
     with timer.stage("discover"):
         targets = discover_targets(model)
         selected = select_targets(targets, options.include, options.exclude)
         if not selected:
-            raise UserError(_nothing_selected_message(model_path, targets))
+            raise UserError(_nothing_selected_message(samples.model_path or "the model", targets))
         selected, skipped = split_nm_incompatible(selected, options.pattern, options.skip_incompatible)
-    report = Report(__version__, str(resolve_model_path(model_path)), str(output), method.name,
-                    options.pattern.label, options.pattern.sparsity, options.seed, skipped=skipped)
-    samples = CalibrationSource(model_path, model, options.calibration, timer)
+    report = Report(__version__, "", "", method.name, options.pattern.label, options.pattern.sparsity, options.seed,
+                    skipped=skipped)
     patterns = None
     if options.allocation == "owl":
         with timer.stage("allocate"):
@@ -145,36 +186,45 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
         report.targets = prune(selected)
     if not report.targets:
         raise UserError(f"{method.name} is not applicable to any selected layer: {report.skipped[0]['reason']}")
-    report.notes += [note] if note else []
     with timer.stage("emit"):
         pruned = {record.name for record in report.targets}
         report.emit = emit(model, options.target, [t for t in selected if t.name in pruned])
-    stamp_provenance(model, report.method, report.pattern, report.sparsity, targets=len(report.targets),
-                     target=report.emit.get("target", "dense"))
-    with timer.stage("save"):
-        save_model(model, output, options.external_data)
-    report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}
     return report
 
 
 class CalibrationSource:
-    """Calibration samples or a statistics file, loaded once and only if something asks."""
+    """Calibration samples or statistics, loaded once and only if something asks: from the
+    options' source (a data set, a file) or given in memory (`samples`, `stats`)."""
 
-    def __init__(self, model_path, model: ir.Model, calib: CalibrationOptions, timer: StageTimer) -> None:
+    def __init__(self, model_path, model: ir.Model, calib: CalibrationOptions, timer: StageTimer,
+                 samples: list[dict[str, np.ndarray]] | None = None, stats: dict[str, dict] | None = None,
+                 stats_record: dict | None = None) -> None:
         self.model_path, self.model, self.calib, self.timer = model_path, model, calib, timer
-        self._samples = self._stats = None
+        self._samples, self._stats, self._stats_record = samples, stats, stats_record
+        self._used: dict | None = None
 
     def samples(self) -> list[dict[str, np.ndarray]]:
         if self._samples is None:
             with self.timer.stage("load_data"):
-                self._samples = calibration_samples(self.model_path, _input_names(self.model), self.calib)
+                self._samples = calibration_samples(self.model_path, input_names(self.model), self.calib)
+            self._used = calibration_record(self.calib, nsamples=len(self._samples))
+        elif self._used is None:
+            self._used = samples_record(self._samples, self.calib)
         return self._samples
 
     def stats_file(self) -> dict[str, dict] | None:
-        if self.calib.stats_file and self._stats is None:
+        """Precomputed (one-shot) statistics: `--stats FILE` or a `Statistics` object; None if neither."""
+        if self._stats is None and self.calib.stats_file:
             with self.timer.stage("load_stats"):
-                self._stats, _ = load_stats(self.calib.stats_file)
+                self._stats, metadata = load_stats(self.calib.stats_file)
+            self._stats_record = {**stats_file_record(self.calib.stats_file), "computed_from": metadata}
+        if self._stats is not None:
+            self._used = self._stats_record or {"statistics": "in memory"}
         return self._stats
+
+    def record(self) -> dict:
+        """What calibration data this run used and its hash (empty when it used none)."""
+        return self._used or {}
 
 
 def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions, samples: CalibrationSource) -> dict[str, float]:
@@ -185,7 +235,7 @@ def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions
     scores: dict[str, list[np.ndarray]] = {}
     for target in targets:
         if "sq_sum" not in stats.get(target.name, {}):
-            raise UserError(f"{options.calibration.stats_file} lacks sq_sum for {target.node_name}")
+            raise UserError(f"{options.calibration.stats_file or 'the statistics'} lacks sq_sum for {target.node_name}")
         norms = np.sqrt(stats[target.name]["sq_sum"])
         scores.setdefault(_block_key(target), []).append(np.abs(target.read()) * norms[None, :])
     return owl_sparsities({block: outlier_ratio(s) for block, s in scores.items()}, options.pattern.sparsity)
@@ -205,11 +255,11 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
             entry = stats.get(target.name, {})
             missing = needs - set(entry)
             if missing:
-                raise UserError(f"{calib.stats_file} lacks {', '.join(sorted(missing))} for {target.node_name}; "
+                raise UserError(f"{calib.stats_file or 'the statistics'} lacks {', '.join(sorted(missing))} for {target.node_name}; "
                                 f"recompute it with `onnxprune calibrate` for this model")
             widths = {np.shape(entry[key])[0] for key in needs if np.ndim(entry[key])}
             if widths - {target.layout.in_features}:
-                raise UserError(f"{calib.stats_file} has statistics of K={widths.pop()} for {target.node_name}, "
+                raise UserError(f"{calib.stats_file or 'the statistics'} has statistics of K={widths.pop()} for {target.node_name}, "
                                 f"whose weight has K={target.layout.in_features}: it was computed for another model")
         return prune(targets, stats)
     records: list[TargetRecord] = []
@@ -222,19 +272,25 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
 def calibrate_to_file(model_path, output, calib: CalibrationOptions, include: str | None, exclude: str | None,
                       method_name: str | None) -> dict:
     """One-shot statistics of the selected targets, saved for `apply --stats`."""
+    start = time.perf_counter()
+    model = load_model(model_path)
+    source = CalibrationSource(model_path, model, calib, StageTimer())
+    stats = calibrate_model(model, source, include, exclude, method_name)
+    save_stats(output, stats, {"model": str(resolve_model_path(model_path)), **source.record(),
+                               "onnxprune_version": __version__})
+    return {"targets": len(stats), "samples": len(source.samples()), "seconds": time.perf_counter() - start}
+
+
+def calibrate_model(model: ir.Model, samples: CalibrationSource, include: str | None, exclude: str | None,
+                    method_name: str | None) -> dict[str, dict]:
+    """One-shot statistics of the selected targets of the dense `model` (what `method_name` needs, or all)."""
     needs = get_pass(method_name).needs if method_name else STAT_KEYS
     if not needs:
         raise UserError(f"method {method_name!r} needs no calibration")
-    start = time.perf_counter()
-    model = load_model(model_path)
     targets = select_targets(discover_targets(model), include, exclude)
     if not targets:
-        raise UserError(_nothing_selected_message(model_path, discover_targets(model)))
-    samples = calibration_samples(model_path, _input_names(model), calib)
-    stats = calibrate(model, [targets], samples, frozenset(needs))
-    save_stats(output, stats, {"model": str(resolve_model_path(model_path)), "source": calib.source,
-                               "nsamples": len(samples), "seqlen": calib.seqlen, "onnxprune_version": __version__})
-    return {"targets": len(stats), "samples": len(samples), "seconds": time.perf_counter() - start}
+        raise UserError(_nothing_selected_message(samples.model_path or "the model", discover_targets(model)))
+    return calibrate(model, [targets], samples.samples(), frozenset(needs))
 
 
 def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -> tuple[list[Target], list[dict]]:
@@ -309,7 +365,8 @@ def stamp_provenance(model: ir.Model, method: str, pattern: str, sparsity: float
         "version": __version__, "method": method, "pattern": pattern, "sparsity": f"{sparsity:g}", **extra}.items()})
 
 
-def _input_names(model: ir.Model) -> list[str]:
+
+def input_names(model: ir.Model) -> list[str]:
     return [v.name for v in model.graph.inputs if not v.is_initializer()]
 
 

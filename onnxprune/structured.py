@@ -84,6 +84,7 @@ class StructuredReport:
     params_after: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # advice for the user (none yet for this path)
+    calibration: dict = field(default_factory=dict)  # the data used and its hash (samples.calibration_record)
 
     @property
     def pruned(self) -> list[GroupRecord]:
@@ -105,6 +106,12 @@ class StructuredReport:
         data = asdict(self)
         data["totals"] = self.totals
         return data
+
+    def provenance(self) -> dict:
+        """Extra metadata_props entries for the output model (beyond method, pattern, sparsity)."""
+        from onnxprune.samples import calibration_metadata
+
+        return {"groups": len(self.pruned), **calibration_metadata(self.calibration)}
 
     def summary(self) -> str:
         totals = self.totals
@@ -537,40 +544,28 @@ def _remove_dead(model: ir.Model, before: tuple[set[ir.Node], set[str]]) -> None
 # ------------------------------------------------------------------------------------ pipeline
 
 
-def apply_structured(model_path, output_path, options) -> StructuredReport:
-    """`onnxprune apply --pattern structured`: plan, calibrate (one-shot, consumers' inputs) when the
-    method needs statistics, prune, save."""
+def prune_structured(model: ir.Model, options, samples, timer) -> StructuredReport:
+    """`--pattern structured` (through `pipeline.prune_model`): plan, calibrate (one-shot, the
+    consumers' inputs) when the method needs statistics, prune `model` in place."""
     from onnxprune.calibration import calibrate
-    from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
-    from onnxprune.pipeline import CalibrationSource, StageTimer, stamp_provenance
 
     method = structured_method(options.method)
     needs = METHOD_NEEDS[method]
-    output = check_output_path(model_path, output_path)
-    timer = StageTimer()
-    with timer.stage("load"):
-        model = load_model(model_path)
     with timer.stage("discover"):
         plan = StructuredPlan(model, KINDS, options.include, options.exclude)
     if not any(g.prunable for g in plan.groups):
         reasons = "; ".join(f"{g.kind} {g.producers[0].target.node_name}: {g.reason}" for g in plan.groups[:3])
-        raise UserError(f"no prunable channel group in {model_path}" + (f" ({reasons})" if reasons else ""))
+        raise UserError(f"no prunable channel group in {samples.model_path or 'the model'}"
+                        + (f" ({reasons})" if reasons else ""))
     stats = None
     if needs:
-        source = CalibrationSource(model_path, model, options.calibration, timer)
-        stats = source.stats_file()
+        stats = samples.stats_file()
         if stats is None:
             with timer.stage("calibrate"):  # its load_data stage is timed apart
-                stats = calibrate(model, [plan.consumers()], source.samples(), needs)
+                stats = calibrate(model, [plan.consumers()], samples.samples(), needs)
     with timer.stage("prune"):
         report = plan.prune(options.pattern.sparsity, method, stats, options.add_bias)
-    report.input, report.output, report.seed = str(resolve_model_path(model_path)), str(output), options.seed
+    report.seed = options.seed
     if not report.pruned:
         raise UserError(f"no channel group could be pruned: {report.refused[0].reason}")
-    stamp_provenance(model, method, "structured", report.sparsity, groups=len(report.pruned))
-    with timer.stage("save"):
-        save_model(model, output, options.external_data)
-    report.timings_s = {**timer.seconds, "total": round(sum(timer.seconds.values()), 6)}
     return report
-
-

@@ -24,7 +24,7 @@ from onnxprune.data import evaluation_ids, load_tokenizer
 from onnxprune.distributed import ClusterOptions, require_ray
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import is_available
-from onnxprune.evaluate import open_session, perplexity_of_ids
+from onnxprune.evaluation import open_session, perplexity_of_ids
 from onnxprune.generate import greedy_generate
 from onnxprune.model_io import load_model, resolve_model_path
 from onnxprune.passes import available

@@ -16,7 +16,7 @@ from lm_fixtures import SEQLEN
 
 from onnxprune import data
 from onnxprune.errors import UserError
-from onnxprune.evaluate import perplexity, window_loss
+from onnxprune.evaluation import perplexity, window_loss
 
 
 

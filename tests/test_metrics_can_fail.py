@@ -13,7 +13,7 @@ from conftest import cli
 from graphs import Dense, chain_model, make_model, save
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.evaluate import perplexity_of_ids
+from onnxprune.evaluation import perplexity_of_ids
 from onnxprune.fidelity import Agreement
 
 REFERENCE = np.random.default_rng(0).normal(size=(6, 10))

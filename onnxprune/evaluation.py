@@ -51,11 +51,21 @@ def default_providers() -> list[str]:
 
 def open_session(model_path, providers: list[str] | None = None):
     """An onnxruntime session on the .onnx file (external data is found beside it); a session
-    passed in is used as it is, so callers evaluating one model several ways load it once."""
+    passed in is used as it is, so callers evaluating one model several ways load it once; a
+    model in memory (onnx_ir.Model or onnx.ModelProto, under 2 GB) is serialized for onnxruntime."""
+    import onnx
+    import onnx_ir as ir
     import onnxruntime as ort
 
     if isinstance(model_path, ort.InferenceSession):
         return model_path
+    if isinstance(model_path, (ir.Model, onnx.ModelProto)):
+        proto = ir.to_proto(model_path) if isinstance(model_path, ir.Model) else model_path
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), providers=providers or default_providers())
+        except Exception as exc:
+            raise UserError(f"onnxruntime cannot load the model in memory: {first_line(exc)} "
+                            "(over 2 GB: save it and pass the path)") from None
     path = resolve_model_path(model_path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
