@@ -27,7 +27,7 @@ DATASETS = ("wikitext2", "c4", "ptb")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 # Files whose presence marks a directory as holding a tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # The references' C4 shards (en/c4-validation.*-of-00008 is how allenai/c4 names its validation shards).
 _C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 _C4_EVAL_DOCUMENTS = 1100   # validation documents joined for evaluation
@@ -46,7 +46,7 @@ def load_tokenizer(model_path: str | os.PathLike | None, tokenizer_dir: str | os
             raise UserError(f"tokenizer directory not found: {directory}")
     else:
         directory = resolve_model_path(model_path).parent
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         where = f"in {directory}" if tokenizer_dir is not None else f"beside the model in {directory}"
         raise UserError(f"no tokenizer {where}; pass --tokenizer DIR (a directory with tokenizer.json "
                         "or tokenizer_config.json, e.g. the Hugging Face model's directory)")

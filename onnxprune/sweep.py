@@ -5,10 +5,16 @@ the prompt, then appends one line to results.jsonl; a re-run skips the cells alr
 calibration windows and evaluation tokens are prepared once; with --one-shot the statistics too,
 and every cell reuses them (sequential statistics depend on the pruned prefix, so each cell
 gathers its own). A failing cell is recorded with its error and the sweep goes on.
+
+Resuming is keyed by the whole configuration (`sweep_key`: model and data digests, nsamples,
+seqlen, seed, evaluation and sample settings), stored as the first line of results.jsonl: a run
+with another configuration in a directory holding results is refused. Each record is one write of
+one line; a line torn by a kill is dropped (that cell runs again) and cut off before the next append.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.atomic import atomic_path, write_text_atomic
-from onnxprune.data import evaluation_ids, load_tokenizer
+from onnxprune.data import TOKENIZER_FILES, evaluation_ids, load_tokenizer
 from onnxprune.distributed import ClusterOptions, require_ray
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import is_available
 from onnxprune.evaluation import open_session, perplexity_of_ids
 from onnxprune.generate import greedy_generate
-from onnxprune.model_io import load_model, resolve_model_path
+from onnxprune.model_io import external_files_of, load_model, resolve_model_path
 from onnxprune.passes import available
 from onnxprune.patterns import parse_pattern
 from onnxprune.pipeline import PruneOptions, apply, calibrate_to_file
@@ -36,6 +42,8 @@ from onnxprune.samples import CalibrationOptions, calibration_samples
 
 DENSE = "dense"
 STATISTICS = "statistics"  # the one-shot statistics, computed once: a line of its own in results.jsonl
+CONFIG = "sweep_config"  # key of results.jsonl's first line: the configuration its cells belong to
+SHARED_FILES = ("calibration.npz", "statistics.npz")  # computed once per configuration, reused by every cell
 
 
 @dataclass
@@ -83,7 +91,7 @@ def run_sweep(model_path: str | Path, config: SweepConfig, cluster: ClusterOptio
     out = config.out_dir
     (out / "models").mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(r["method"], r["label"]) for r in read_results(results_path)}
+    done = {(r["method"], r["label"]) for r in open_results(results_path, sweep_key(model_path, config))}
     todo = [cell for cell in config.cells() if cell not in done]
     if todo:
         tokenizer = load_tokenizer(model_path, config.tokenizer)
@@ -185,23 +193,92 @@ def _pattern_args(label: str):
     return (label, None) if ":" in label else (None, float(label))
 
 
+def sweep_key(model_path: Path, config: SweepConfig) -> dict:
+    """Everything a cell's numbers depend on besides its method and level: results made under
+    another key must not be reused."""
+    model_path = resolve_model_path(model_path)
+    tokenizer_dir = Path(config.tokenizer) if config.tokenizer else model_path.parent
+    return {
+        "model": _digest([model_path, *(model_path.parent / name for name in sorted(external_files_of(model_path)))]),
+        "calib": _source_key(config.calib), "eval": _source_key(config.eval_source),
+        "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed,
+        "tokenizer": _digest([tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]),
+        "one_shot": config.one_shot, "max_windows": config.max_windows, "prompt": config.prompt,
+        "max_new_tokens": config.max_new_tokens,
+    }
+
+
+def open_results(path: Path, key: dict) -> list[dict]:
+    """The records already in `path` for configuration `key`. Records of another configuration
+    are refused; a file without records starts afresh with `key` as its first line; a torn last
+    line is cut off so the next append starts a line of its own."""
+    if path.exists():
+        _cut_torn_tail(path)
+    lines = read_lines(path)
+    stored = lines[0].get(CONFIG) if lines else None
+    records = lines[1:] if stored is not None else lines
+    if records and stored != key:
+        changed = ", ".join(k for k in key if stored.get(k) != key[k]) if stored else ""
+        what = f"another configuration (different {changed})" if stored else "no configuration record"
+        raise UserError(f"{path} holds a sweep with {what}; pass another --output directory, or remove "
+                        f"{path} to start over")
+    if stored != key:  # a new sweep, or one that finished no cell: its shared files may not be ours
+        for name in SHARED_FILES:
+            (path.parent / name).unlink(missing_ok=True)
+        write_text_atomic(path, json.dumps({CONFIG: key}) + "\n")
+    return records
+
+
 def read_results(path: Path) -> list[dict]:
+    """The cell records of `path`, without its configuration line."""
+    return [record for record in read_lines(path) if CONFIG not in record]
+
+
+def read_lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    results = []
+    records = []
     for line in path.read_text().splitlines():
         try:
-            results.append(json.loads(line))
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut short by a kill: that cell runs again
-    return results
+    return records
 
 
 def append_result(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as stream:
-        stream.write(json.dumps(record) + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
+    """One record as a single write of one whole line, on disk before returning."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (json.dumps(record) + "\n").encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write cut short), so the next record starts a line."""
+    with open(path, "rb+") as stream:
+        data = stream.read()
+        if data and not data.endswith(b"\n"):
+            stream.truncate(data.rfind(b"\n") + 1)
+
+
+def _source_key(source: str | None) -> str | None:
+    """A data set by name; a local file by name and content."""
+    if source is None or not Path(source).is_file():
+        return source
+    return f"{Path(source).name}:{_digest([Path(source)])}"
+
+
+def _digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- outputs

@@ -20,7 +20,9 @@ def sweep_args(onnx_dir, eval_txt, out, levels="0.1,0.5,0.9"):
 
 
 def read(out):
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sweep_module.CONFIG in lines[0], "the first line is the configuration the cells belong to"
+    return lines[1:]
 
 
 def test_sweep_fills_every_cell_and_resumes(onnx_dir, eval_txt, tmp_path, monkeypatch):
@@ -101,3 +103,72 @@ def test_sweep_one_shot_shares_statistics(onnx_dir, eval_txt, tmp_path):
 def test_sweep_bad_input(onnx_dir, eval_txt, tmp_path, args, message):
     line = assert_user_error(cli("sweep", onnx_dir / "model.onnx", "--eval", eval_txt, "-o", tmp_path / "s", *args))
     assert message in line
+
+
+def small_sweep(onnx_dir, eval_txt, out, *extra):
+    return cli("sweep", onnx_dir / "model.onnx", "--methods", "magnitude,wanda", "--levels", "0.5", "--calib",
+               eval_txt, "--eval", eval_txt, "--nsamples", 2, "--seqlen", SEQLEN, "--max-windows", 1,
+               "--max-new-tokens", 1, "-o", out, *extra)
+
+
+@pytest.mark.parametrize("change", [["--nsamples", "3"], ["--seqlen", str(SEQLEN // 2)], ["--prompt", "Other"],
+                                    ["--one-shot"], ["--max-windows", "2"]])
+def test_sweep_refuses_to_resume_another_configuration(onnx_dir, eval_txt, tmp_path, change):
+    out = tmp_path / "s"
+    small_sweep(onnx_dir, eval_txt, out).ok()
+    before = (out / "results.jsonl").read_bytes()
+    line = assert_user_error(small_sweep(onnx_dir, eval_txt, out, *change))
+    assert "holds a sweep with another configuration" in line and "another --output directory" in line
+    assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_sweep_refuses_another_calibration_text(onnx_dir, eval_txt, tmp_path):
+    out = tmp_path / "s"
+    small_sweep(onnx_dir, eval_txt, out).ok()
+    other = tmp_path / "other.txt"
+    other.write_text(eval_txt.read_text()[::-1])
+    line = assert_user_error(cli("sweep", onnx_dir / "model.onnx", "--methods", "magnitude,wanda", "--levels", "0.5",
+                                 "--calib", other, "--eval", eval_txt, "--nsamples", 2, "--seqlen", SEQLEN,
+                                 "--max-windows", 1, "--max-new-tokens", 1, "-o", out))
+    assert "different calib" in line
+
+
+def test_sweep_after_removing_results_starts_fresh(onnx_dir, eval_txt, tmp_path):
+    """Removing results.jsonl (the fix the refusal names) also drops the old calibration windows."""
+    out = tmp_path / "s"
+    small_sweep(onnx_dir, eval_txt, out).ok()
+    (out / "results.jsonl").unlink()
+    stale = (out / "calibration.npz").read_bytes()
+    small_sweep(onnx_dir, eval_txt, out, "--nsamples", "3").ok()
+    assert (out / "calibration.npz").read_bytes() != stale
+    assert {r["method"] for r in read(out)} == {"dense", "magnitude", "wanda"}
+
+
+def test_torn_last_line_loses_no_record(tmp_path):
+    path = tmp_path / "results.jsonl"
+    key = {"nsamples": 1}
+    assert sweep_module.open_results(path, key) == []
+    sweep_module.append_result(path, {"method": "dense", "label": "0", "status": "ok"})
+    sweep_module.append_result(path, {"method": "magnitude", "label": "0.5", "status": "ok"})
+    with open(path, "ab") as stream:
+        stream.write(b'{"method": "wanda", "label": "0.5", "sta')  # killed mid-write
+    records = sweep_module.open_results(path, key)
+    assert [r["method"] for r in records] == ["dense", "magnitude"]
+    sweep_module.append_result(path, {"method": "wanda", "label": "0.5", "status": "ok"})
+    assert [r["method"] for r in sweep_module.open_results(path, key)] == ["dense", "magnitude", "wanda"]
+    assert path.read_text().count("\n") == 4
+
+
+def test_a_configuration_without_records_is_replaced(tmp_path):
+    """A first run that failed before any cell (e.g. a typo in --tokenizer) does not lock the directory."""
+    path = tmp_path / "results.jsonl"
+    sweep_module.open_results(path, {"nsamples": 1})
+    assert sweep_module.open_results(path, {"nsamples": 2}) == []
+    assert json.loads(path.read_text()) == {sweep_module.CONFIG: {"nsamples": 2}}
+
+
+def test_results_without_configuration_are_refused(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"method": "dense", "label": "0", "status": "ok"}) + "\n")
+    with pytest.raises(sweep_module.UserError, match="no configuration record"):
+        sweep_module.open_results(path, {"nsamples": 1})
