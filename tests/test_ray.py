@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import time
 import pytest
 from conftest import REPO, assert_user_error, cli
 from lm_fixtures import SEQLEN
+
+from onnxprune.sweep import read_results
 
 try:
     import ray
@@ -38,7 +39,7 @@ def sweep_args(onnx_dir, eval_txt, out, methods="magnitude,wanda", levels="0.3,0
 
 
 def read(out):
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return read_results(out / "results.jsonl")
 
 
 def by_cell(records):
@@ -93,7 +94,7 @@ def test_ray_sweep_resumes_after_the_driver_is_killed(onnx_dir, eval_txt, tmp_pa
     results = out / "results.jsonl"
     deadline = time.monotonic() + 120
     while driver.poll() is None and time.monotonic() < deadline:
-        if results.exists() and len(results.read_text().splitlines()) >= 2:
+        if results.exists() and len(results.read_text().splitlines()) >= 3:  # the configuration + 2 cells
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and nothing else: the cluster is the test's
             break
         time.sleep(0.05)
