@@ -94,7 +94,7 @@ def run_cli(*args) -> tuple[float, str]:
 
 def onnx_eval(model: Path, test: Path, tokenizer_dir: Path, seqlen: int, json_out: Path) -> dict:
     seconds, _ = run_cli("eval", model, "--eval", test, "--seqlen", seqlen, "--tokenizer", tokenizer_dir,
-                         "--json", json_out)
+                         "-o", json_out)
     result = json.loads(json_out.read_text())
     result["process_seconds"] = round(seconds, 3)
     return result

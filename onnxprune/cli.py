@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import inspect as signatures
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from onnxprune import __version__
+from onnxprune import __version__, console
+from onnxprune.console import detail, emit_json, info, note, warn
 from onnxprune.errors import UserError, first_line
 
 try:  # typer >= 0.20 parses with its own copy of click, whose exceptions are not click's
@@ -23,9 +26,63 @@ _USAGE_ERRORS = (_click_exceptions.UsageError,)
 _CLICK_ERRORS = (_click_exceptions.ClickException,)
 _ABORTS = (getattr(_click_exceptions, "Abort", typer.Abort), typer.Abort)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Prune neural networks as ONNX graphs.")
-stdout = Console(width=None if sys.stdout.isatty() else 160)  # pipes and CI logs get wide tables
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Prune neural networks as ONNX graphs.",
+                  epilog="Run `onnxprune COMMAND -h` for a command's options and examples.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"onnxprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line, warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also one line per layer, and tracebacks of internal errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    _set_verbosity(quiet, verbose)
+
+
+def _set_verbosity(quiet: bool, verbose: bool) -> None:
+    if (quiet or console.is_quiet()) and (verbose or console.is_verbose()):  # before or after the command name
+        raise UserError("--quiet and --verbose contradict each other; pass one")
+    if quiet or verbose:
+        console.configure(console.QUIET if quiet else console.VERBOSE)
+
+
+# -q / -v (and --json where a command has results) work after the command name too, as in git.
+_COMMON_OPTIONS = {
+    "quiet": typer.Option(False, "--quiet", "-q", help="Only the result line, warnings and errors."),
+    "verbose": typer.Option(False, "--verbose", "-v", help="Also one line per layer."),
+}
+_JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON document on stdout (nothing else goes there).")
+
+
+def command(name: str | None = None, *, examples: str, json_result: bool = True):
+    """`@app.command` plus the common options and an Examples section in `--help`."""
+    def decorate(func):
+        extra = {**_COMMON_OPTIONS, **({"as_json": _JSON_OPTION} if json_result else {})}
+
+        @functools.wraps(func)
+        def run(*args, quiet: bool = False, verbose: bool = False, as_json: bool = False, **kwargs):
+            _set_verbosity(quiet, verbose)
+            console.configure(as_json=as_json)
+            return func(*args, **kwargs)
+
+        own = signatures.signature(func, eval_str=True)
+        run.__signature__ = own.replace(parameters=[
+            *own.parameters.values(),
+            *(signatures.Parameter(key, signatures.Parameter.KEYWORD_ONLY, default=option, annotation=bool)
+              for key, option in extra.items())])
+        run.__annotations__ = {**{k: v.annotation for k, v in own.parameters.items()},
+                               **{key: bool for key in extra}, "return": None}
+        epilog = "Examples:\n\n\b\n" + "\n".join("  " + line for line in examples.strip().splitlines())
+        return app.command(name, epilog=epilog)(run)
+    return decorate
 
 CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, or a .npz of input tensors.")
 NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
@@ -35,7 +92,13 @@ RAY_OPTION = typer.Option(None, "--ray", help="Run on a Ray cluster: 'auto' (the
 SHARED_STORAGE_OPTION = typer.Option(False, "--shared-storage", help="With --ray: the nodes read the model (and OUT) at the same paths instead of copies through Ray's object store.")
 
 
-@app.command()
+@command(examples="""
+onnxprune apply model.onnx -m magnitude -s 0.5 -o pruned.onnx
+onnxprune apply model.onnx -m magnitude -p 2:4 -o pruned-2of4.onnx --report report.json
+onnxprune apply model.onnx -m wanda -s 0.5 --calib corpus.txt --nsamples 64 --seqlen 128 -o wanda.onnx
+onnxprune apply model.onnx -p structured -s 0.5 -m l1 -o smaller.onnx
+onnxprune -q apply model.onnx -m magnitude -s 0.5 -o pruned.onnx --json > report.json
+""")
 def apply(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
     method: str = typer.Option("magnitude", "--method", "-m", help="Pruning method; `onnxprune methods` lists them."),
@@ -76,53 +139,68 @@ def apply(
     result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed,
                                                    external_data, calibration, allocation, data_free, add_bias,
                                                    target))
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+    for text in result.notes:
+        note(text)
     if report:
         write_report(result, report)
+    emit_json(result.to_dict())
     totals = result.totals
     if spec.structured:
-        stdout.print(result.summary())
+        for group in result.groups:
+            detail(f"{group.kind} {', '.join(group.producers)}: " + (
+                f"{group.units_before} -> {group.units_after} {group.unit}" if group.reason is None
+                else f"refused: {group.reason}"))
+        console.result(result.summary())
     else:
-        stdout.print(f"pruned {totals['targets']} weights with {result.method} ({result.pattern}, sparsity "
-                     f"{result.sparsity:g}): {totals['zeros']:,} of {totals['params']:,} are zero "
-                     f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
-    stdout.print(f"wrote {result.output}" + (f" and {report}" if report else "")
-                 + f" in {result.timings_s['total']:.2f} s")
+        for target in result.targets:
+            valid = "" if target.nm_valid is None else f", {result.pattern} {'valid' if target.nm_valid else 'NOT valid'}"
+            detail(f"{target.node}: {target.op} {'×'.join(map(str, target.shape))}, sparsity {target.sparsity:.4f}{valid}")
+        for skipped in result.skipped:
+            detail(f"{skipped['node']}: left dense: {skipped['reason']}")
+        console.result(f"pruned {totals['targets']} weights with {result.method} ({result.pattern}, sparsity "
+                       f"{result.sparsity:g}): {totals['zeros']:,} of {totals['params']:,} are zero "
+                       f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
+    info(f"wrote {result.output}" + (f" and {report}" if report else "")
+         + f" in {result.timings_s['total']:.2f} s")
 
 
-@app.command()
+@command(examples="""
+onnxprune inspect model.onnx
+onnxprune inspect model.onnx --patterns 2:4,4:8,8:16 --json
+onnxprune inspect model.onnx --include 'mlp' --exclude 'layers\\.0\\.'
+""")
 def inspect(
     model: Path = typer.Argument(..., help="ONNX model."),
     patterns: str = typer.Option("2:4,4:8", "--patterns", help="N:M patterns to check validity for, comma-separated."),
     include: Optional[str] = typer.Option(None, "--include", help="Regex: what apply --include would select."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: what apply --exclude would leave out."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List MODEL's prunable weights: shape, block, sparsity, N:M validity, and totals."""
     from onnxprune.inspection import inspect_model
     from onnxprune.patterns import parse_pattern
 
     nm = [parse_pattern(p, None) for p in patterns.split(",") if p.strip()]
-    info = inspect_model(model, [(p.n, p.m) for p in nm], include, exclude)
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    table = Table(title=info["model"])
-    for column in ["target", "op", "shape", "block", "selected", "sparsity", *info["targets"][0]["nm_valid"]] if info["targets"] else []:
+    report = inspect_model(model, [(p.n, p.m) for p in nm], include, exclude)
+    emit_json(report)
+    table = Table(title=report["model"])
+    for column in ["target", "op", "shape", "block", "selected", "sparsity", *report["targets"][0]["nm_valid"]] if report["targets"] else []:
         table.add_column(column, overflow="fold")
-    for row in info["targets"]:
+    for row in report["targets"]:
         table.add_row(row["node"], row["op"], "×".join(map(str, row["shape"])), row["block"] or "-",
                       "yes" if row["selected"] else f"no: {row['note']}", f"{row['sparsity']:.4f}",
                       *("yes" if ok else "no" for ok in row["nm_valid"].values()))
-    stdout.print(table)
-    totals = info["totals"]
-    stdout.print(f"{totals['candidates']} prunable weights in {totals['blocks']} blocks, {totals['params']:,} parameters; "
+    info(table)
+    totals = report["totals"]
+    console.result(f"{totals['candidates']} prunable weights in {totals['blocks']} blocks, {totals['params']:,} parameters; "
                  f"{totals['selected']} selected by default ({totals['selected_params']:,} parameters); "
                  f"current sparsity {totals['sparsity']:.2%}")
 
 
-@app.command()
+@command(examples="""
+onnxprune export facebook/opt-125m opt125m/
+onnxprune export ./my-hf-model/ onnx-out/ --task feature-extraction --dtype fp16
+onnxprune export meta-llama/Llama-3.2-1B llama/ --with-past
+""")
 def export(
     model: str = typer.Argument(..., help="Hugging Face hub id or local model directory."),
     out_dir: Path = typer.Argument(..., help="Directory for model.onnx, config and tokenizer."),
@@ -139,10 +217,15 @@ def export(
 
     path = export_hf(model, out_dir, task, with_past, opset, dtype, validate)
     targets = discover_targets(load_model(path))
-    stdout.print(f"wrote {path}: {len(targets)} prunable weights, {len(select_targets(targets))} selected by default")
+    selected = select_targets(targets)
+    emit_json({"model": str(path), "prunable": len(targets), "selected": len(selected)})
+    console.result(f"wrote {path}: {len(targets)} prunable weights, {len(selected)} selected by default")
 
 
-@app.command()
+@command(examples="""
+onnxprune calibrate model.onnx --calib corpus.txt --nsamples 64 --seqlen 128 -o stats.npz
+onnxprune calibrate model.onnx --calib inputs.npz -m wanda -o stats.npz
+""")
 def calibrate(
     model: Path = typer.Argument(..., help="ONNX model."),
     output: Path = typer.Option(..., "--output", "-o", help="Statistics file (.npz) to write."),
@@ -162,11 +245,15 @@ def calibrate(
         raise UserError(f"statistics file must end in .npz: {output}")
     summary = calibrate_to_file(model, output, CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer)),
                                 include, exclude, method)
-    stdout.print(f"wrote {output}: statistics of {summary['targets']} weights from {summary['samples']} samples "
+    emit_json({"output": str(output), **summary})
+    console.result(f"wrote {output}: statistics of {summary['targets']} weights from {summary['samples']} samples "
                  f"in {summary['seconds']:.2f} s")
 
 
-@app.command()
+@command(examples="""
+onnxprune sweep model.onnx -o sweep/ --methods magnitude,wanda --levels 0.5,0.7 --patterns 2:4 \\
+    --calib train.txt --eval test.txt --nsamples 32 --seqlen 128
+""")
 def sweep(
     model: Path = typer.Argument(..., help="Dense ONNX causal LM."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Directory for results.jsonl, table.md, timing.md, samples.md, ppl_vs_level.png."),
@@ -195,18 +282,23 @@ def sweep(
     from onnxprune.sweep import SweepConfig, run_sweep
 
     if not is_available("matplotlib"):
-        print(f"note: no ppl_vs_level.png: {missing_extra_message('matplotlib', 'the plot')}", file=sys.stderr)
+        note(f"no ppl_vs_level.png: {missing_extra_message('matplotlib', 'the plot')}")
     config = SweepConfig(_split(methods), [_float(v, "--levels") for v in _split(levels)], _split(patterns), calib,
                          eval_source, out_dir, nsamples, seqlen, _optional_str(tokenizer), prompt, max_new_tokens,
                          max_windows, one_shot, keep_models)
     cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
     results = run_sweep(_existing_model(model), config, cluster)
     failed = [r for r in results if r["status"] == "error"]
-    stdout.print(f"{len(results)} cells in {out_dir}/results.jsonl ({len(failed)} failed); tables in "
+    emit_json({"output": str(out_dir), "cells": results})
+    console.result(f"{len(results)} cells in {out_dir}/results.jsonl ({len(failed)} failed); tables in "
                  f"{out_dir}/table.md, timing.md, samples.md; plot {out_dir}/ppl_vs_level.png")
 
 
-@app.command()
+@command(examples="""
+onnxprune bench pruned.onnx --baseline dense.onnx --batch 1,8 --seqlen 128
+onnxprune bench pruned.onnx --baseline dense.onnx --providers cpu,cuda,tensorrt -o bench/
+onnxprune bench pruned.onnx --inputs inputs.npz --runs 100 --json
+""")
 def bench(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Dense twin: speed-up = its p50 / MODEL's p50, measured in the same rounds."),
@@ -236,10 +328,11 @@ def bench(
         from onnxprune.runtime_bench.gemm24 import bench_gemm24
 
         result["gemm24"] = bench_gemm24(path, options.batches, seqlen, warmup, runs)
-    print(bench_markdown(result), end="")
+    emit_json(result)
+    console.result(bench_markdown(result).rstrip("\n"))
     if output:
         json_path, md_path = write_bench(result, output)
-        stdout.print(f"wrote {json_path} and {md_path}")
+        info(f"wrote {json_path} and {md_path}")
 
 
 def _split(values: str) -> list[str]:
@@ -253,23 +346,31 @@ def _float(value: str, option: str) -> float:
         raise UserError(f"{option}: {value!r} is not a number") from None
 
 
-@app.command()
+@command(examples="""
+onnxprune methods
+onnxprune methods --json
+""")
 def methods() -> None:
     """List the pruning methods."""
     from onnxprune.passes import available
 
+    emit_json([{"name": name, "summary": cls.summary, "needs": sorted(cls.needs)} for name, cls in available().items()])
     for name, cls in available().items():
         needs = f" (needs {', '.join(sorted(cls.needs))})" if cls.needs else ""
-        stdout.print(f"{name:20s} {cls.summary}{needs}")
+        console.result(f"{name:20s} {cls.summary}{needs}")
 
 
-@app.command()
+@command(examples="onnxprune version\nonnxprune --version", json_result=False)
 def version() -> None:
-    """Print onnxprune's version."""
-    stdout.print(__version__)
+    """Print onnxprune's version (as `onnxprune --version` does)."""
+    console.result(__version__)
 
 
-@app.command(name="eval")
+@command("eval", examples="""
+onnxprune eval pruned.onnx --eval wikitext2 --seqlen 2048
+onnxprune eval pruned.onnx --eval test.txt --seqlen 128 --max-windows 20 -o ppl.json
+onnxprune eval pruned.onnx --reference dense.onnx --inputs inputs.npz --json
+""")
 def evaluate(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
     eval_source: str = typer.Option("wikitext2", "--eval", help="Perplexity text: wikitext2, c4, ptb, or a .txt / .jsonl file."),
@@ -278,7 +379,7 @@ def evaluate(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Dense twin: measure output fidelity instead of perplexity."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Input tensors (.npz, first axis = samples) for --reference."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    json_out: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result as JSON to this file."),
 ) -> None:
     """Perplexity of a causal LM through onnxruntime (as Wanda and SparseGPT measure it), or, with
     --reference, output fidelity of any model against its dense twin."""
@@ -294,25 +395,31 @@ def evaluate(
         result = {"model": str(path), "reference": str(reference_path), "inputs": str(inputs),
                   **fidelity(path, reference_path, inputs)}
         for name, metrics in result["outputs"].items():
-            stdout.print(f"{name}: cosine {metrics['cosine']:.6f}, relative error {metrics['relative_error']:.6f}, "
+            console.result(f"{name}: cosine {metrics['cosine']:.6f}, relative error {metrics['relative_error']:.6f}, "
                          f"top-1 agreement {metrics['top1_agreement']:.4f} ({metrics['rows']:,} rows, "
                          f"{result['samples']} samples)")
-            _warn(f"{name}: {warning}" for warning in metrics["warnings"])
+            for warning in metrics["warnings"]:
+                warn(f"{name}: {warning}")
     else:
         from onnxprune.data import load_tokenizer
         from onnxprune.evaluation import perplexity
 
         ppl = perplexity(path, load_tokenizer(path, tokenizer_dir), eval_source, seqlen, max_windows=max_windows)
         result = {"model": str(path), "eval": eval_source, **ppl.as_dict()}
-        stdout.print(f"perplexity {ppl.perplexity:.4f} on {eval_source}: {ppl.windows} windows of {seqlen} tokens "
+        console.result(f"perplexity {ppl.perplexity:.4f} on {eval_source}: {ppl.windows} windows of {seqlen} tokens "
                      f"({ppl.windows * seqlen:,} of {ppl.tokens:,} tokens) in {ppl.seconds:.2f} s")
-        _warn(ppl.warnings)
+        for warning in ppl.warnings:
+            warn(warning)
+    emit_json(result)
     if json_out:
         write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
-        stdout.print(f"wrote {json_out}")
+        info(f"wrote {json_out}")
 
 
-@app.command()
+@command(examples="""
+onnxprune generate pruned.onnx --prompt "University is" --max-new-tokens 20
+onnxprune generate pruned.onnx --prompt "def main(" --tokenizer hf-model/ --json
+""")
 def generate(
     model: Path = typer.Argument(..., help="ONNX causal LM."),
     prompt: str = typer.Option("University is", "--prompt", help="Text to continue."),
@@ -324,7 +431,9 @@ def generate(
     from onnxprune.generate import greedy_generate
 
     path = _existing_model(model)
-    print(greedy_generate(path, load_tokenizer(path, tokenizer_dir), prompt, max_new_tokens))
+    text = greedy_generate(path, load_tokenizer(path, tokenizer_dir), prompt, max_new_tokens)
+    emit_json({"model": str(path), "prompt": prompt, "max_new_tokens": max_new_tokens, "text": text})
+    console.result(text)
 
 
 def _existing_model(model: Path) -> Path:
@@ -349,11 +458,12 @@ def _default_output(model: Path, method: str, pattern: str, sparsity: float) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    command = typer.main.get_command(app)
+    group = typer.main.get_command(app)
     if not (sys.argv[1:] if argv is None else argv):
         argv = ["--help"]  # bare `onnxprune` shows the commands, as no_args_is_help means
+    console.configure(console.NORMAL, as_json=False)  # tests call main() many times in one process
     try:
-        result = command.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+        result = group.main(args=argv, prog_name="onnxprune", standalone_mode=False)
     except UserError as exc:
         _fail(str(exc), 2)
     except _USAGE_ERRORS as exc:
@@ -365,13 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
-        _fail(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with ONNXPRUNE_DEBUG=1 for a traceback)", 1)
+        if console.is_verbose():
+            traceback.print_exc()
+        _fail(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with -v or ONNXPRUNE_DEBUG=1 for a traceback)", 1)
     sys.exit(result if isinstance(result, int) else 0)
-
-
-def _warn(warnings) -> None:
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> None:

@@ -220,7 +220,7 @@ def test_perplexity_needs_logits(tmp_path, tokenizer, eval_txt):
 def test_cli_eval(onnx_dir, eval_txt, tmp_path):
     out = tmp_path / "ppl.json"
     code, stdout, _ = run_cli(["eval", str(onnx_dir), "--eval", str(eval_txt), "--seqlen", str(SEQLEN),
-                               "--max-windows", "3", "--json", str(out)])
+                               "--max-windows", "3", "-o", str(out)])
     assert code == 0
     assert "perplexity" in stdout and "3 windows of 32 tokens" in stdout
     record = json.loads(out.read_text())
@@ -297,7 +297,7 @@ def test_fidelity_against_dense_twin(onnx_dir, tmp_path):
     pruned = tmp_path / "p.onnx"
     assert run_cli(["apply", str(onnx_dir), "-m", "magnitude", "-p", "2:4", "-o", str(pruned)])[0] == 0
     code, stdout, _ = run_cli(["eval", str(pruned), "--reference", str(onnx_dir), "--inputs", str(tmp_path / "x.npz"),
-                               "--json", str(tmp_path / "f.json")])
+                               "-o", str(tmp_path / "f.json")])
     assert code == 0 and "top-1 agreement" in stdout
     metrics = json.loads((tmp_path / "f.json").read_text())["outputs"]["logits"]
     assert 0 < metrics["cosine"] < 1 and metrics["relative_error"] > 0 and metrics["rows"] == 6 * 16

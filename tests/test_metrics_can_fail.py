@@ -70,7 +70,7 @@ def test_eval_reference_of_an_all_zero_model_is_not_1(tmp_path):
     save(dead, tmp_path / "dead.onnx")
     np.savez(tmp_path / "x.npz", X=np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32))
     result = cli("eval", tmp_path / "dead.onnx", "--reference", tmp_path / "dense.onnx", "--inputs",
-                 tmp_path / "x.npz", "--json", tmp_path / "f.json").ok()
+                 tmp_path / "x.npz", "-o", tmp_path / "f.json").ok()
     assert "cosine 0.000000" in result.out
     assert "warning: h1: the model's output is all zero in 5 of 5 rows (a dead model)" in result.err
     metrics = json.loads((tmp_path / "f.json").read_text())["outputs"]["h1"]
