@@ -313,9 +313,13 @@ def bench(
     fp16: bool = typer.Option(False, "--fp16", help="TensorRT: allow fp16 kernels (trt_fp16_enable)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0, help="Outputs check vs CPU: max |diff| <= tolerance * max(1, max |CPU output|) (default 1e-3, 1e-2 with --fp16)."),
     gemm24: bool = typer.Option(False, "--gemm24", help="Also time MODEL's 2:4 weights as torch semi-structured sparse GEMMs (CUDA only)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for bench.json and bench.md."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for bench.json and bench.md (with --ray also bench.png)."),
+    ray: Optional[str] = RAY_OPTION,
+    nodes: str = typer.Option("", "--nodes", help="With --ray: only the nodes that have all these comma-separated Ray resources, e.g. GPU or trt (default: every node)."),
+    shared_storage: bool = SHARED_STORAGE_OPTION,
 ) -> None:
-    """Latency per execution provider and batch size: p50/p90, throughput, speed-up vs a dense baseline."""
+    """Latency per execution provider and batch size: p50/p90, throughput, speed-up vs a dense baseline;
+    with --ray, on every node of a cluster: one table node × provider × batch."""
     from onnxprune.runtime_bench.latency import BenchOptions, parse_batches, run_bench
     from onnxprune.runtime_bench.providers import ProviderSettings, parse_providers
     from onnxprune.runtime_bench.report import bench_markdown, write_bench
@@ -323,7 +327,13 @@ def bench(
     options = BenchOptions(parse_providers(providers), parse_batches(batch), seqlen, warmup, runs, max_seconds,
                            ProviderSettings(threads, fp16), _optional_str(inputs), tolerance)
     path = _existing_model(model)
-    result = run_bench(path, None if baseline is None else _existing_model(baseline), options)
+    baseline_path = None if baseline is None else _existing_model(baseline)
+    if ray is not None:
+        _bench_on_ray(path, baseline_path, options, ray, _split(nodes), shared_storage, gemm24, output)
+        return
+    if nodes or shared_storage:
+        raise UserError("--nodes and --shared-storage choose Ray nodes: add --ray auto (or --ray ADDRESS)")
+    result = run_bench(path, baseline_path, options)
     if gemm24:
         from onnxprune.runtime_bench.gemm24 import bench_gemm24
 
@@ -333,6 +343,21 @@ def bench(
     if output:
         json_path, md_path = write_bench(result, output)
         info(f"wrote {json_path} and {md_path}")
+
+
+def _bench_on_ray(path: Path, baseline: Path | None, options, address: str, nodes: list[str], shared_storage: bool,
+                  gemm24: bool, output: Path | None) -> None:
+    from onnxprune.distributed import ClusterOptions
+    from onnxprune.runtime_bench.ray_bench import bench_on_ray
+    from onnxprune.runtime_bench.report import cluster_markdown, write_cluster_bench
+
+    if options.inputs is not None and not Path(options.inputs).is_file():
+        raise UserError(f"--inputs file not found: {options.inputs}")
+    cluster = bench_on_ray(path, baseline, options, ClusterOptions(address, shared_storage=shared_storage), nodes,
+                           gemm24)
+    print(cluster_markdown(cluster), end="")
+    if output:
+        stdout.print("wrote " + ", ".join(map(str, write_cluster_bench(cluster, output))))
 
 
 def _split(values: str) -> list[str]:

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import require
 from onnxprune.model_io import external_files_of
+from onnxprune.progress import progress_bar
 
 SHIP_LIMIT_BYTES = 1 << 30  # past this, a path on shared storage instead of the object store
 CACHE_ROOT = Path(tempfile.gettempdir()) / "onnxprune-ray-cache"
@@ -128,6 +130,20 @@ def scratch_dir() -> Path:
     """A node-local folder for a task's temporary outputs."""
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="task-", dir=CACHE_ROOT))
+
+
+def finished(ray, pending: dict, description: str, max_retries: int) -> Iterator[tuple[object, object, str | None]]:
+    """(what each task was submitted for, its result, None) as tasks finish, counted by a progress
+    bar; (…, None, the reason) for a task that did not return."""
+    pending = dict(pending)
+    for _ in progress_bar(range(len(pending)), description):
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ref)
+        try:
+            result, reason = ray.get(ref), None
+        except Exception as exc:  # the worker or node was lost past the retries, or the task raised
+            result, reason = None, failure_reason(exc, max_retries)
+        yield key, result, reason
 
 
 def failure_reason(exc: BaseException, max_retries: int) -> str:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.atomic import atomic_path
-from onnxprune.distributed import (ClusterOptions, Shipped, check_feasible, failure_reason, materialise, ray_session,
-                                   scratch_dir, ship)
-from onnxprune.progress import progress_bar
+from onnxprune.distributed import (ClusterOptions, Shipped, check_feasible, failure_reason, finished, materialise,
+                                   ray_session, scratch_dir, ship)
+from onnxprune.errors import UserError
 from onnxprune.sweep import (SweepConfig, append_result, cell_record, one_shot_statistics, run_cell,
                              shared_calibration)
 
@@ -41,7 +41,11 @@ def run_cells_on_ray(model_path: Path, config: SweepConfig, todo: list[tuple[str
 
         def statistics_on_ray(calib_file: Path, stats_file: Path) -> dict:
             task = ray.remote(_statistics_task).options(**resources)
-            summary, data = ray.get(task.remote(model, ship(ray, calib_file, cluster.shared_storage), config))
+            try:
+                summary, data = ray.get(task.remote(model, ship(ray, calib_file, cluster.shared_storage), config))
+            except Exception as exc:  # no cell can run without them
+                reason = failure_reason(exc, cluster.max_retries)
+                raise UserError(f"the one-shot statistics task failed: {reason}") from None
             with atomic_path(stats_file) as staging:
                 staging.write_bytes(data)
             return summary
@@ -53,17 +57,13 @@ def run_cells_on_ray(model_path: Path, config: SweepConfig, todo: list[tuple[str
         task = ray.remote(_cell_task).options(**resources)
         pending = {task.remote(model, context, config, shipped, method, label, crash_cell == f"{method}/{label}"):
                    (method, label) for method, label in todo}
-        for count in progress_bar(range(1, len(pending) + 1), "sweep cells (ray)"):
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            method, label = pending.pop(ref)
-            try:
-                record = ray.get(ref)
-            except Exception as exc:  # the worker or node was lost past the retries, or the task could not start
-                    record = cell_record(method, label) | {"status": "error",
-                                                       "error": failure_reason(exc, cluster.max_retries)}
+        cells = finished(ray, pending, "sweep cells (ray)", cluster.max_retries)
+        for count, ((method, label), record, reason) in enumerate(cells, 1):
+            if reason is not None:
+                record = cell_record(method, label) | {"status": "error", "error": reason}
             append_result(results_path, record)
             if not sys.stderr.isatty():  # logs get one line per cell; a terminal has the progress bar
-                print(f"sweep: {count}/{count + len(pending)} {method} {label}: {record['status']}"
+                print(f"sweep: {count}/{len(pending)} {method} {label}: {record['status']}"
                       + (f" on {record['node']}" if "node" in record else ""), file=sys.stderr)
 
 

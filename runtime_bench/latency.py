@@ -84,7 +84,7 @@ def run_bench(model: str | os.PathLike, baseline: str | os.PathLike | None, opti
         raise UserError(f"nothing could be measured ({reasons})")
     import onnxruntime as ort
 
-    return {"models": {role: str(path) for role, path in paths.items()}, "labels": _labels(paths),
+    return {"models": {role: str(path) for role, path in paths.items()}, "labels": model_labels(paths),
             "inputs": maker.source, "seqlen": options.seqlen, "warmup": options.warmup, "runs": options.runs,
             "max_seconds": options.max_seconds, "threads": options.settings.threads,
             "spinning": options.settings.spin, "fp16": options.settings.fp16,
@@ -202,7 +202,7 @@ def _run(session, feeds: dict) -> list[np.ndarray]:
         raise _RunFailed(first_line(exc)) from None
 
 
-def _labels(paths: dict[str, Path]) -> dict[str, str]:
+def model_labels(paths: dict[str, Path]) -> dict[str, str]:
     """File names, or parent/name when the model and the baseline share a file name."""
     names = {role: path.name for role, path in paths.items()}
     if len(set(names.values())) < len(names):

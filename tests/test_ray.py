@@ -110,9 +110,35 @@ def test_ray_sweep_resumes_after_the_driver_is_killed(onnx_dir, eval_txt, tmp_pa
     assert all(r["status"] == "ok" for r in records), records
 
 
+@needs_ray
+def test_bench_ray_gives_the_node_table(onnx_dir, tmp_path, ray_address):
+    dense = onnx_dir / "model.onnx"
+    pruned = tmp_path / "pruned.onnx"
+    cli("apply", dense, "-m", "magnitude", "-s", "0.5", "-o", pruned).ok()
+    out = tmp_path / "bench"
+    cli("bench", pruned, "--baseline", dense, "--ray", "auto", "--batch", "1,2", "--seqlen", 8, "--warmup", 1,
+        "--runs", 3, "-o", out).ok()
+    result = json.loads((out / "bench.json").read_text())
+    [node] = result["nodes"]
+    hardware = node["hardware"]
+    assert hardware["cpu_cores"] >= 1 and hardware["cpu_model"] and hardware["onnxruntime"]
+    assert "CPUExecutionProvider" in hardware["providers"]
+    rows = node["bench"]["rows"]
+    assert {(r["model"], r["provider"], r["batch"]) for r in rows} == {
+        (role, "cpu", batch) for role in ("model", "baseline") for batch in (1, 2)}
+    assert all(r["speedup"] > 0 for r in rows if r["model"] == "model")
+    table = (out / "bench.md").read_text()
+    assert "| node | provider | batch |" in table and hardware["cpu_model"] in table
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+    line = assert_user_error(cli("bench", pruned, "--ray", "auto", "--nodes", "trt"))
+    assert "no Ray node has the resources trt" in line
+
+
 def test_ray_option_without_ray_says_how_to_install(onnx_dir, eval_txt, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
-    for args in (sweep_args(onnx_dir, eval_txt, tmp_path / "s", "magnitude", "0.5", "--ray", "auto"),):
+    for args in (sweep_args(onnx_dir, eval_txt, tmp_path / "s", "magnitude", "0.5", "--ray", "auto"),
+                 ["bench", onnx_dir / "model.onnx", "--ray", "auto"]):
         line = assert_user_error(cli(*args))
         assert "pip install 'onnxprune[ray]'" in line
     assert not (tmp_path / "s" / "results.jsonl").exists()
