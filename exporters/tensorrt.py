@@ -62,12 +62,12 @@ def _row(name: str, node: ir.Node, op: str, layout: Layout, canonical: np.ndarra
          extra_reasons: tuple[str, ...] = ()) -> dict:
     out, k = layout.out_features, layout.in_features
     run = layout.nm_group_extent  # the axis groups of 4 are laid along
-    run_name = "C/g" if layout.kind == "conv" else "K"
+    run_name = "C/g" if layout.is_conv else "K"
     group = node.attributes.get_int("group", 1) if op == "Conv" else 1
     valid = run % 4 == 0 and nm_valid(canonical, 2, 4)  # nm_valid alone would let groups straddle kernel taps
     reasons = list(extra_reasons)
     if run % 4:
-        where = "K runs along input channels per group, and C/g" if layout.kind == "conv" else "K"
+        where = "K runs along input channels per group, and C/g" if layout.is_conv else "K"
         reasons.append(f"{where} = {run} is not a multiple of 4")
     elif not valid:
         reasons.append("weight is not 2:4 along K (some group of 4 has fewer than 2 zeros)")
@@ -109,7 +109,7 @@ def _quantized_rows(graph: ir.Graph) -> list[dict]:
             weight = weight.astype(np.int64) - zero_point
         uses, _ = trace_weight_uses(node.outputs[0], transposed=False, via=("DequantizeLinear",), rank=weight.ndim)
         for use in uses:
-            layout = Layout(use.layout_kind, tuple(weight.shape))
+            layout = use.layout(tuple(weight.shape))
             rows.append(_row(source.name, use.node, use.op, layout, layout.to_canonical(weight),
                              source.const_value.dtype.name, quantized=True, extra_reasons=extra))
     return rows

@@ -101,7 +101,7 @@ def prune(model: ModelLike, method: str = "wanda", sparsity: float | None = None
           calib: CalibLike = None, *, stats: Statistics | str | os.PathLike | None = None,
           nsamples: int = 128, seqlen: int = 2048, tokenizer: str | os.PathLike | None = None,
           one_shot: bool = False, include: str | None = None, exclude: str | None = None, target: str = "dense",
-          allocation: str = "uniform", skip_incompatible: bool = False, data_free: bool = False,
+          allocation: str = "uniform", strict: bool = False, data_free: bool = False,
           add_bias: bool = False, seed: int = 0, recipe=None) -> PruneResult:
     """Prune `model` and return it in memory with its report.
 
@@ -127,7 +127,7 @@ def prune(model: ModelLike, method: str = "wanda", sparsity: float | None = None
     stats_path = str(stats) if isinstance(stats, (str, os.PathLike)) else None
     calibration = CalibrationOptions(_calib_name(calib), nsamples, seqlen, _str(tokenizer), seed, not one_shot,
                                      stats_path)
-    options = PruneOptions(method, spec, include, exclude, skip_incompatible, seed, None, calibration, allocation,
+    options = PruneOptions(method, spec, include, exclude, strict, seed, None, calibration, allocation,
                            data_free, add_bias, target)
     loaded, source = _load(model)
     timer = StageTimer()

@@ -25,7 +25,7 @@ from onnx import helper
 from onnxprune.boundary_cache import BoundaryCache
 from onnxprune.errors import UserError, first_line
 from onnxprune.progress import progress_bar
-from onnxprune.statistics import Accumulator, activation_rows
+from onnxprune.statistics import Accumulator, Uncalibrated, activation_rows, rows_key
 from onnxprune.targets import Consumer, Target
 
 Sample = dict[str, np.ndarray]
@@ -37,7 +37,7 @@ class Segment:
     nodes: list[ir.Node]
     targets: list[Target]
     inputs: list[str] = field(default_factory=list)  # fed: graph inputs or cached boundary tensors
-    activations: dict[str, Consumer] = field(default_factory=dict)  # statistics gathered on these
+    activations: dict[tuple, Consumer] = field(default_factory=dict)  # statistics gathered, by rows_key
     boundary: list[str] = field(default_factory=list)  # produced here, read by later segments
 
 
@@ -74,7 +74,7 @@ def plan_segments(graph: ir.Graph, groups: list[list[Target]]) -> list[Segment]:
         segment.nodes = list(constants) + segment.nodes
         for target in segment.targets:
             for consumer in target.consumers:
-                segment.activations.setdefault(consumer.activation, consumer)
+                segment.activations.setdefault(rows_key(consumer), consumer)
                 if consumer.activation not in produced and consumer.activation not in segment.inputs:
                     segment.inputs.append(consumer.activation)
     for index, segment in enumerate(segments):
@@ -128,23 +128,36 @@ class _Feeds:
 
 
 def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers) -> dict[str, dict]:
-    wanted = [name for name in segment.activations if name not in segment.inputs]
+    """Statistics per target; a target whose input cannot be turned into rows gets
+    {"refused": reason} instead, and is left dense by the pipeline."""
+    wanted = list(dict.fromkeys(c.activation for c in segment.activations.values()
+                                if c.activation not in segment.inputs))
     session = _session(model, segment, wanted, next(iter(feeds)), providers) if wanted else None
-    accumulators = {name: Accumulator(needs) for name in segment.activations}
+    accumulators = {key: Accumulator(needs) for key in segment.activations}
+    refused: dict[tuple, str] = {}
     for sample in feeds:
         produced = dict(zip(wanted, _run(session, wanted, sample, segment))) if session else {}
-        for name, consumer in segment.activations.items():
-            x = produced[name] if name in produced else sample[name]
-            accumulators[name].add(activation_rows(x, consumer))
+        for key, consumer in segment.activations.items():
+            if key in refused:
+                continue
+            x = produced[consumer.activation] if consumer.activation in produced else sample[consumer.activation]
+            try:
+                accumulators[key].add(activation_rows(x, consumer))
+            except Uncalibrated as reason:
+                refused[key] = f"not calibrated: {reason}"
     stats, shared = {}, {}
     for target in segment.targets:
-        inputs = tuple(dict.fromkeys(c.activation for c in target.consumers))
-        if inputs not in shared:  # targets reading the same input share one statistics dict
-            pooled = accumulators[inputs[0]]
-            for name in inputs[1:]:
-                pooled = pooled.merged(accumulators[name])
-            shared[inputs] = pooled.as_dict()
-        stats[target.name] = shared[inputs]
+        keys = tuple(dict.fromkeys(rows_key(c) for c in target.consumers))
+        reasons = [refused[key] for key in keys if key in refused]
+        if reasons:
+            stats[target.name] = {"refused": reasons[0]}
+            continue
+        if keys not in shared:  # targets reading the same input share one statistics dict
+            pooled = accumulators[keys[0]]
+            for key in keys[1:]:
+                pooled = pooled.merged(accumulators[key])
+            shared[keys] = pooled.as_dict()
+        stats[target.name] = shared[keys]
     return stats
 
 

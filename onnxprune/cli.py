@@ -108,7 +108,8 @@ def apply(
     report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here (and a .md twin)."),
     include: Optional[str] = typer.Option(None, "--include", help="Regex on initializer or node names: prune exactly the matching layers."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex on initializer or node names: leave these layers dense."),
-    skip_incompatible: bool = typer.Option(False, "--skip-incompatible", help="Leave layers whose K is not divisible by M dense instead of failing."),
+    strict: bool = typer.Option(False, "--strict", help="With N:M, fail on a layer whose K (input channels) is not divisible by M instead of leaving it dense."),
+    skip_incompatible: bool = typer.Option(False, "--skip-incompatible", hidden=True, help="Deprecated: leaving such layers dense is the default now."),
     seed: int = typer.Option(0, "--seed", help="Seed for random methods."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights beside the model (default: when the input does or the model is large)."),
     calib: Optional[str] = CALIB_OPTION,
@@ -136,7 +137,11 @@ def apply(
                                      _optional_str(stats))
     if allocation not in ("uniform", "owl"):
         raise UserError(f"--allocation must be uniform or owl, got {allocation!r}")
-    result = run_apply(model, output, PruneOptions(method, spec, include, exclude, skip_incompatible, seed,
+    if skip_incompatible:
+        if strict:
+            raise UserError("--skip-incompatible contradicts --strict; drop one of them")
+        note("--skip-incompatible is deprecated: leaving layers that cannot hold N:M dense is the default now")
+    result = run_apply(model, output, PruneOptions(method, spec, include, exclude, strict, seed,
                                                    external_data, calibration, allocation, data_free, add_bias,
                                                    target))
     for text in result.notes:
@@ -248,6 +253,8 @@ def calibrate(
     emit_json({"output": str(output), **summary})
     console.result(f"wrote {output}: statistics of {summary['targets']} weights from {summary['samples']} samples "
                  f"in {summary['seconds']:.2f} s")
+    for name, reason in summary["refused"].items():
+        note(f"{name}: {reason} (apply leaves it dense)")
 
 
 @command(examples="""

@@ -17,13 +17,13 @@ from onnxprune.calibration import calibrate, group_by_block
 from onnxprune.emit import check_target, emit
 from onnxprune.errors import UserError
 from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
-from onnxprune.passes import Layer, NotApplicable, PruningPass, get_pass
+from onnxprune.passes import Layer, NotApplicable, Pruned, PruningPass, get_pass
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
 from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibration_record, calibration_samples,
                                samples_record, stats_file_record)
 from onnxprune.stats_file import load_stats, save_stats
-from onnxprune.statistics import STAT_KEYS
+from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
 from onnxprune.targets import Target, add_bias, discover_targets, select_targets
 
 
@@ -33,7 +33,7 @@ class PruneOptions:
     pattern: Pattern
     include: str | None = None
     exclude: str | None = None
-    skip_incompatible: bool = False
+    strict: bool = False  # N:M: a layer that cannot hold the pattern is an error, not left dense
     seed: int = 0
     external_data: bool | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
@@ -165,9 +165,12 @@ def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationS
         selected = select_targets(targets, options.include, options.exclude)
         if not selected:
             raise UserError(_nothing_selected_message(samples.model_path or "the model", targets))
-        selected, skipped = split_nm_incompatible(selected, options.pattern, options.skip_incompatible)
+        selected, skipped = split_nm_incompatible(selected, options.pattern, options.strict)
     report = Report(__version__, "", "", method.name, options.pattern.label, options.pattern.sparsity, options.seed,
                     skipped=skipped)
+    if skipped:
+        report.notes.append(f"{len(skipped)} layer(s) cannot hold {options.pattern.label} and stay dense "
+                            f"(e.g. {skipped[0]['node']}: {skipped[0]['reason']}); --strict makes this an error")
     patterns = None
     if options.allocation == "owl":
         with timer.stage("allocate"):
@@ -234,10 +237,14 @@ def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions
     stats = samples.stats_file() or calibrate(model, [targets], samples.samples(), frozenset({"sq_sum"}))
     scores: dict[str, list[np.ndarray]] = {}
     for target in targets:
-        if "sq_sum" not in stats.get(target.name, {}):
+        entry = stats.get(target.name, {})
+        if "refused" in entry:
+            continue  # left dense later, with the reason
+        if "sq_sum" not in entry:
             raise UserError(f"{options.calibration.stats_file or 'the statistics'} lacks sq_sum for {target.node_name}")
-        norms = np.sqrt(stats[target.name]["sq_sum"])
-        scores.setdefault(_block_key(target), []).append(np.abs(target.read()) * norms[None, :])
+        weight = np.abs(target.read())
+        norms = np.sqrt(np.atleast_2d(entry["sq_sum"]))  # [groups, K]: each group's rows see their own inputs
+        scores.setdefault(_block_key(target), []).append(weight * np.repeat(norms, len(weight) // len(norms), axis=0))
     return owl_sparsities({block: outlier_ratio(s) for block, s in scores.items()}, options.pattern.sparsity)
 
 
@@ -253,11 +260,13 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
     if stats is not None:
         for target in targets:
             entry = stats.get(target.name, {})
+            if "refused" in entry:
+                continue
             missing = needs - set(entry)
             if missing:
                 raise UserError(f"{calib.stats_file or 'the statistics'} lacks {', '.join(sorted(missing))} for {target.node_name}; "
                                 f"recompute it with `onnxprune calibrate` for this model")
-            widths = {np.shape(entry[key])[0] for key in needs if np.ndim(entry[key])}
+            widths = {statistics_width(entry, key) for key in needs if np.ndim(entry[key])}
             if widths - {target.layout.in_features}:
                 raise UserError(f"{calib.stats_file or 'the statistics'} has statistics of K={widths.pop()} for {target.node_name}, "
                                 f"whose weight has K={target.layout.in_features}: it was computed for another model")
@@ -278,7 +287,9 @@ def calibrate_to_file(model_path, output, calib: CalibrationOptions, include: st
     stats = calibrate_model(model, source, include, exclude, method_name)
     save_stats(output, stats, {"model": str(resolve_model_path(model_path)), **source.record(),
                                "onnxprune_version": __version__})
-    return {"targets": len(stats), "samples": len(source.samples()), "seconds": time.perf_counter() - start}
+    refused = {name: entry["refused"] for name, entry in stats.items() if "refused" in entry}
+    return {"targets": len(stats) - len(refused), "refused": refused, "samples": len(source.samples()),
+            "seconds": time.perf_counter() - start}
 
 
 def calibrate_model(model: ir.Model, samples: CalibrationSource, include: str | None, exclude: str | None,
@@ -293,8 +304,9 @@ def calibrate_model(model: ir.Model, samples: CalibrationSource, include: str | 
     return calibrate(model, [targets], samples.samples(), frozenset(needs))
 
 
-def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -> tuple[list[Target], list[dict]]:
-    """N:M needs the grouped axis divisible by M: an error naming the layer, or a skip if asked."""
+def split_nm_incompatible(targets: list[Target], pattern: Pattern, strict: bool) -> tuple[list[Target], list[dict]]:
+    """N:M needs the grouped axis divisible by M. Layers that are not (a CNN's stem with 3 input
+    channels, a depthwise conv) stay dense and are listed; with `strict`, the first is an error."""
     if not pattern.is_nm:
         return targets, []
     kept, skipped = [], []
@@ -303,10 +315,10 @@ def split_nm_incompatible(targets: list[Target], pattern: Pattern, skip: bool) -
         if extent % pattern.m == 0:
             kept.append(target)
             continue
-        axis = "input channels" if target.layout.kind == "conv" else "K"
+        axis = "input channels" if target.layout.is_conv else "K"
         reason = f"{axis}={extent} is not divisible by M={pattern.m}"
-        if not skip:
-            raise UserError(f"{target.node_name}: {reason}; pass --skip-incompatible to leave such layers dense")
+        if strict:
+            raise UserError(f"{target.node_name}: {reason}; without --strict such layers are left dense")
         skipped.append({"name": target.name, "node": target.node_name, "reason": reason})
     if not kept:
         raise UserError(f"no selected layer can take {pattern.label}: {skipped[0]['node']}: {skipped[0]['reason']}"
@@ -323,12 +335,17 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
     stable across groups."""
     records = []
     for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
-        layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]),
-                      stats.get(target.name) if stats else None,
+        own_stats = stats.get(target.name) if stats else None
+        if own_stats is not None and "refused" in own_stats:
+            if skipped is None:
+                raise UserError(f"{target.node_name}: {own_stats['refused']}")
+            skipped.append({"name": target.name, "node": target.node_name, "reason": own_stats["refused"]})
+            continue
+        layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]), own_stats,
                       allow_new_bias=add_bias and target.bias is None and len(target.consumers) == 1)
         own_pattern = patterns[target.name] if patterns else pattern
         try:
-            pruned = method.prune(layer, own_pattern)
+            pruned = prune_layer(method, layer, own_pattern)
         except NotApplicable as reason:
             if skipped is None:
                 raise
@@ -339,6 +356,28 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
             _write_bias(target, pruned.bias)
         records.append(record_of(target, pruned.weight, own_pattern, bias_changed=pruned.bias is not None))
     return records
+
+
+def prune_layer(method: PruningPass, layer: Layer, pattern: Pattern) -> Pruned:
+    """`method` on the layer; a grouped convolution is g independent sub-problems (each group's
+    output channels with that group's input statistics), pruned one after the other."""
+    groups = split_groups(layer.stats)
+    if groups is None:
+        return method.prune(layer, pattern)
+    rows = len(layer.weight) // len(groups)
+    weights, biases = [], []
+    for j, group_stats in enumerate(groups):
+        part = slice(j * rows, (j + 1) * rows)
+        pruned = method.prune(Layer(f"{layer.name}[group {j}]", layer.weight[part],
+                                    None if layer.bias is None else layer.bias[part], layer.rng, group_stats,
+                                    layer.allow_new_bias), pattern)
+        weights.append(pruned.weight)
+        biases.append(pruned.bias)
+    if all(bias is None for bias in biases):
+        return Pruned(np.concatenate(weights))
+    unchanged = layer.bias if layer.bias is not None else np.zeros(len(layer.weight), dtype=np.float32)
+    return Pruned(np.concatenate(weights), np.concatenate(
+        [unchanged[j * rows:(j + 1) * rows] if bias is None else bias for j, bias in enumerate(biases)]))
 
 
 def record_of(target: Target, canonical: np.ndarray, pattern: Pattern | None, bias_changed: bool = False) -> TargetRecord:

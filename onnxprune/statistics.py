@@ -1,13 +1,25 @@
-"""Streaming activation statistics for one weight's input X[tokens, K].
+"""Streaming activation statistics for one weight's input, as rows [groups, tokens, K].
 
-Kept per activation tensor, so targets sharing an input (q/k/v, gate/up) share one accumulator.
-Only what the chosen method needs is computed: Σx² (Wanda), Σxxᵀ (SparseGPT, MAMA), Σx (means).
-Column order matches the canonical weight's K order (see `targets.Layout`).
+Kept per activation tensor and row rule, so targets sharing an input (q/k/v, gate/up) share one
+accumulator. Only what the chosen method needs is computed: Σx² (Wanda), Σxxᵀ (SparseGPT, MAMA),
+Σx (means). Column order matches the canonical weight's K order (see `targets.Layout`).
+
+A grouped convolution's output channels of group j see only group j's input channels, so its
+statistics carry a leading group axis (Σx² [g, K], Σxxᵀ [g, K, K]) and `split_groups` cuts the
+layer into g independent sub-problems; every other layer has one group, stored without that axis.
+
+Adding an op = one rule in `ROW_RULES`: how its input tensor becomes the rows [groups, tokens, K]
+that multiply the canonical weight's rows.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
+import onnx_ir as ir
+from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxprune.extras import LazyModule
 from onnxprune.targets import Consumer
@@ -15,77 +27,218 @@ from onnxprune.targets import Consumer
 torch = LazyModule("torch", "calibration statistics")  # imported on first use: the core install has no torch
 
 STAT_KEYS = frozenset({"sq_sum", "gram", "sum", "tokens", "samples"})
+_PER_CHANNEL = ("sq_sum", "sum", "gram")
+
+
+class Uncalibrated(Exception):
+    """An input this calibration cannot turn into rows; the message is the reason. The layers
+    reading it stay dense and the report lists them; the rest of the model is still pruned."""
 
 
 class Accumulator:
     def __init__(self, needs: frozenset[str]) -> None:
         self.needs = needs
-        self.sq_sum: torch.Tensor | None = None  # float64 [K]
-        self.sum: torch.Tensor | None = None  # float64 [K]
-        self.gram: torch.Tensor | None = None  # float32 [K, K], like the SparseGPT reference's H
+        self.sq_sum: torch.Tensor | None = None  # float64 [g, K]
+        self.sum: torch.Tensor | None = None  # float64 [g, K]
+        self.gram: torch.Tensor | None = None  # float32 [g, K, K], like the SparseGPT reference's H
         self.tokens = 0
         self.samples = 0
 
     def add(self, x: np.ndarray) -> None:
-        """Fold in the rows of one calibration sample's activation matrix [tokens, K]."""
+        """Fold in the rows [groups, tokens, K] of one calibration sample's activation."""
         rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if self.tokens == 0:
-            k = rows.shape[1]
-            self.sq_sum = torch.zeros(k, dtype=torch.float64) if "sq_sum" in self.needs else None
-            self.sum = torch.zeros(k, dtype=torch.float64) if "sum" in self.needs else None
-            self.gram = torch.zeros(k, k, dtype=torch.float32) if "gram" in self.needs else None
+            groups, _, k = rows.shape
+            self.sq_sum = torch.zeros(groups, k, dtype=torch.float64) if "sq_sum" in self.needs else None
+            self.sum = torch.zeros(groups, k, dtype=torch.float64) if "sum" in self.needs else None
+            self.gram = torch.zeros(groups, k, k, dtype=torch.float32) if "gram" in self.needs else None
         if self.sq_sum is not None:
-            self.sq_sum += rows.double().square().sum(0)
+            self.sq_sum += rows.double().square().sum(1)
         if self.sum is not None:
-            self.sum += rows.double().sum(0)
+            self.sum += rows.double().sum(1)
         if self.gram is not None:
-            self.gram.addmm_(rows.T, rows)
-        self.tokens += rows.shape[0]
+            self.gram.baddbmm_(rows.transpose(1, 2), rows)
+        self.tokens += rows.shape[1]
         self.samples += 1
 
     def merged(self, other: Accumulator) -> Accumulator:
         """Statistics of both inputs pooled (a weight shared by several nodes)."""
         result = Accumulator(self.needs)
-        for name in ("sq_sum", "sum", "gram"):
+        for name in _PER_CHANNEL:
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(result, name, None if mine is None else mine + theirs)
         result.tokens, result.samples = self.tokens + other.tokens, self.samples + other.samples
         return result
 
     def as_dict(self) -> dict[str, np.ndarray | int]:
+        """The statistics; a single group drops the group axis (Σx² [K], Σxxᵀ [K, K])."""
         stats: dict[str, np.ndarray | int] = {"tokens": self.tokens, "samples": self.samples}
-        for name in ("sq_sum", "sum", "gram"):
+        for name in _PER_CHANNEL:
             value = getattr(self, name)
             if value is not None:
-                stats[name] = value.numpy()
+                stats[name] = value[0].numpy() if value.shape[0] == 1 else value.numpy()
+                if value.shape[0] > 1:
+                    stats["groups"] = value.shape[0]
         return stats
 
 
+def split_groups(stats: dict | None) -> list[dict] | None:
+    """A grouped layer's statistics as one dict per group (in output-channel order), else None."""
+    groups = int(stats.get("groups", 1)) if stats else 1
+    if groups == 1:
+        return None
+    return [{key: value[j] if key in _PER_CHANNEL else value for key, value in stats.items() if key != "groups"}
+            for j in range(groups)]
+
+
+def statistics_width(stats: dict, key: str) -> int:
+    """K of one statistic (the last axis, whether or not it has a group axis)."""
+    return int(np.shape(stats[key])[-1])
+
+
+RowRule = Callable[[np.ndarray, ir.Node], np.ndarray]
+
+
 def activation_rows(x: np.ndarray, consumer: Consumer) -> np.ndarray:
-    """The activation as the matrix [tokens, K] that multiplies the canonical weight's rows."""
+    """The activation as the rows [groups, tokens, K] that multiply the canonical weight's rows."""
+    rule = ROW_RULES.get(consumer.node.op_type)
+    if rule is None:
+        raise Uncalibrated(f"calibration has no rule for the inputs of {consumer.node.op_type}")
+    return rule(np.asarray(x), consumer.node)
+
+
+def rows_key(consumer: Consumer) -> tuple:
+    """Identifies an accumulator: the activation and everything that shapes its rows (two convs
+    reading one tensor with different kernels see different patches)."""
     node = consumer.node
-    if node.op_type == "Conv":
-        return _conv_patches(x, node)
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-        x = x.T
-    return x.reshape(-1, x.shape[-1])
+    if node.op_type not in ("Conv", "ConvTranspose"):
+        return (consumer.activation, node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
+    attributes = tuple(sorted((name, str(a.value)) for name, a in node.attributes.items()))
+    return (consumer.activation, node.op_type, _weight_shape(node), attributes)
 
 
-def _conv_patches(x: np.ndarray, node) -> np.ndarray:
-    """im2col for a 2-D Conv, columns ordered (kh, kw, C) like the canonical Conv weight."""
-    if x.ndim != 4 or node.attributes.get_int("group", 1) != 1:
-        raise NotImplementedError(f"{node.name}: calibration supports 2-D Conv with group=1")
-    weight_shape = node.inputs[1].shape
-    kernel = tuple(node.attributes.get_ints("kernel_shape", list(weight_shape[2:])))
-    pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
-    if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise NotImplementedError(f"{node.name}: calibration does not support auto_pad SAME_*")
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    patches = torch.nn.functional.unfold(
-        torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)), kernel,
-        dilation=tuple(node.attributes.get_ints("dilations", [1, 1])),
-        stride=tuple(node.attributes.get_ints("strides", [1, 1])))  # [N, C·kh·kw, L], C slowest
-    n, _, positions = patches.shape
-    channels = x.shape[1]
-    patches = patches.reshape(n, channels, kernel[0] * kernel[1], positions).permute(0, 3, 2, 1)
-    return patches.reshape(n * positions, -1).numpy()
+def _matmul_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
+    return x.reshape(1, -1, x.shape[-1])
+
+
+def _gemm_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
+    return (x.T if node.attributes.get_int("transA", 0) else x)[None]
+
+
+def _conv_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
+    """im2col of any-rank Conv: columns ordered (*kernel, C/g) like the canonical Conv weight."""
+    geometry = _ConvGeometry(x, node)
+    begins, ends = geometry.conv_pads(x.shape[2:])
+    return _grouped_patches(x, geometry.kernel, geometry.strides, geometry.dilations, begins, ends,
+                            geometry.groups, flip=False)
+
+
+def _conv_transpose_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
+    """ConvTranspose as the Conv it equals: the input with stride-1 zeros between its pixels,
+    padded by d·(k−1) − pad, correlated (stride 1) with the flipped kernel. Columns are ordered
+    (*kernel, C_in/g), kernel positions in the stored (unflipped) order."""
+    geometry = _ConvGeometry(x, node)
+    spatial = x.shape[2:]
+    output_padding = node.attributes.get_ints("output_padding", [0] * len(spatial))
+    begins, ends = geometry.transpose_pads(spatial, output_padding)
+    upsampled = np.zeros(x.shape[:2] + tuple((n - 1) * s + 1 for n, s in zip(spatial, geometry.strides)),
+                         dtype=np.float32)
+    upsampled[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geometry.strides)] = x
+    reach = [d * (k - 1) for k, d in zip(geometry.kernel, geometry.dilations)]
+    return _grouped_patches(upsampled, geometry.kernel, [1] * len(spatial), geometry.dilations,
+                            [r - b for r, b in zip(reach, begins)],
+                            [r - e + p for r, e, p in zip(reach, ends, output_padding)], geometry.groups, flip=True)
+
+
+ROW_RULES: dict[str, RowRule] = {
+    "MatMul": _matmul_rows,
+    "Gemm": _gemm_rows,
+    "Conv": _conv_rows,
+    "ConvTranspose": _conv_transpose_rows,
+}
+
+
+class _ConvGeometry:
+    """Kernel, strides, dilations, groups and padding of a Conv / ConvTranspose node."""
+
+    def __init__(self, x: np.ndarray, node: ir.Node) -> None:
+        rank = x.ndim - 2
+        kernel = node.attributes.get_ints("kernel_shape", None) or (_weight_shape(node) or ())[2:]
+        if rank < 1 or len(kernel) != rank:
+            raise Uncalibrated(f"{node.op_type} input of rank {x.ndim} does not match its kernel {list(kernel)}")
+        self.node, self.kernel = node, [int(k) for k in kernel]
+        self.strides = [int(s) for s in node.attributes.get_ints("strides", [1] * rank)]
+        self.dilations = [int(d) for d in node.attributes.get_ints("dilations", [1] * rank)]
+        self.groups = node.attributes.get_int("group", 1)
+        self.auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+        pads = node.attributes.get_ints("pads", [0] * 2 * rank)
+        self.pads = [int(p) for p in pads[:rank]], [int(p) for p in pads[rank:]]
+
+    def conv_pads(self, spatial) -> tuple[list[int], list[int]]:
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads
+        if self.auto_pad == "VALID":
+            return [0] * len(spatial), [0] * len(spatial)
+        totals = [max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                  for n, s, k, d in zip(spatial, self.strides, self.kernel, self.dilations)]
+        return self._split(totals, upper=self.auto_pad == "SAME_UPPER")
+
+    def transpose_pads(self, spatial, output_padding) -> tuple[list[int], list[int]]:
+        """ONNX ConvTranspose: explicit pads, unless output_shape or auto_pad SAME_* fix the output size
+        (then the odd pixel of padding goes to the end only for SAME_UPPER, as the ONNX spec says)."""
+        output_shape = self.node.attributes.get_ints("output_shape", None)
+        if output_shape is None and self.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            return self.pads if self.auto_pad != "VALID" else ([0] * len(spatial), [0] * len(spatial))
+        if output_shape is None:
+            output_shape = [n * s for n, s in zip(spatial, self.strides)]
+        output_shape = list(output_shape)[-len(spatial):]
+        totals = [s * (n - 1) + p + (k - 1) * d + 1 - o for n, s, p, k, d, o in
+                  zip(spatial, self.strides, output_padding, self.kernel, self.dilations, output_shape)]
+        return self._split(totals, upper=self.auto_pad == "SAME_UPPER")
+
+    @staticmethod
+    def _split(totals: list[int], upper: bool) -> tuple[list[int], list[int]]:
+        """SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning."""
+        small = [t // 2 for t in totals]
+        large = [t - t // 2 for t in totals]
+        return (small, large) if upper else (large, small)
+
+
+def _grouped_patches(x: np.ndarray, kernel, strides, dilations, begins, ends, groups: int, flip: bool) -> np.ndarray:
+    """Patches of x [N, C, *spatial] as rows [groups, N·positions, prod(kernel)·C/groups], columns
+    ordered (*kernel, C/groups). Negative pads crop. `flip` reverses the kernel positions."""
+    rank = len(kernel)
+    x = np.asarray(x, dtype=np.float32)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(max(b, 0), max(e, 0)) for b, e in zip(begins, ends)])
+    x = x[(slice(None), slice(None)) + tuple(slice(max(-b, 0), n - max(-e, 0))
+                                             for b, e, n in zip(begins, ends, x.shape[2:]))]
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    if any(n < span for n, span in zip(x.shape[2:], spans)):
+        raise Uncalibrated(f"input {list(x.shape)} is smaller than the kernel's reach {spans}")
+    windows = sliding_window_view(x, spans, axis=tuple(range(2, 2 + rank)))  # [N, C, *out, *spans]
+    windows = windows[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+                      + tuple(slice(None, None, -d if flip else d) for d in dilations)]
+    n, channels = x.shape[:2]
+    if channels % groups:
+        raise Uncalibrated(f"{channels} input channels cannot be split into {groups} groups")
+    positions = windows.shape[2:2 + rank]
+    windows = windows.reshape(n, groups, channels // groups, *positions, *kernel)
+    order = (1, 0, *range(3, 3 + 2 * rank), 2)  # [g, N, *out, *kernel, C/g]
+    return np.ascontiguousarray(windows.transpose(order)).reshape(
+        groups, n * int(np.prod(positions)), int(np.prod(kernel)) * (channels // groups))
+
+
+def _weight_shape(node: ir.Node) -> tuple[int, ...] | None:
+    """The weight operand's shape, looking through the shape-keeping ops (Cast, Identity,
+    DequantizeLinear) between it and the stored tensor when the graph carries no shapes."""
+    value = node.inputs[1]
+    while value is not None:
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+            return tuple(value.shape)
+        if value.const_value is not None:
+            return tuple(value.const_value.shape)
+        producer = value.producer()
+        if producer is None or producer.op_type not in ("Cast", "Identity", "DequantizeLinear"):
+            return None
+        value = producer.inputs[0]
+    return None

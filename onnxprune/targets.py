@@ -28,25 +28,34 @@ class Layout:
     kind "kn": stored [K, N] (MatMul B).  kind "nk": stored [N, K] (Gemm transB=1, or a Transpose
     in front).  kind "conv": stored [O, C/g, *kernel]; K is ordered (*kernel, C/g) so that groups
     of M consecutive K entries are M consecutive input channels at one kernel position, which is
-    the N:M layout TensorRT's sparse convolutions need.
+    the N:M layout TensorRT's sparse convolutions need. kind "convT" (ConvTranspose): stored
+    [C_in, C_out/g, *kernel]; canonical rows are the g·C_out/g output channels, K is (*kernel,
+    C_in/g) as for Conv. In both conv kinds, output channels of group j see only group j's inputs.
     """
 
     kind: str
     stored_shape: tuple[int, ...]
+    groups: int = 1
 
     @property
     def out_features(self) -> int:
+        if self.kind == "convT":
+            return self.stored_shape[1] * self.groups
         return self.stored_shape[1] if self.kind == "kn" else self.stored_shape[0]
 
     @property
     def in_features(self) -> int:
         if self.kind == "kn":
             return self.stored_shape[0]
+        if self.kind == "convT":
+            return self.stored_shape[0] // self.groups * int(np.prod(self.stored_shape[2:]))
         return int(np.prod(self.stored_shape[1:]))
 
     @property
     def nm_group_extent(self) -> int:
         """Length of the run along which N:M groups are laid (must be divisible by M)."""
+        if self.kind == "convT":
+            return self.stored_shape[0] // self.groups
         return self.stored_shape[1] if self.kind == "conv" else self.in_features
 
     def to_canonical(self, stored: np.ndarray) -> np.ndarray:
@@ -54,6 +63,10 @@ class Layout:
             return stored.T
         if self.kind == "nk":
             return stored
+        if self.kind == "convT":  # [g·C_in/g, C_out/g, *k] -> [g, C_out/g, *k, C_in/g]
+            inputs, outputs, *kernel = stored.shape
+            grouped = stored.reshape(self.groups, inputs // self.groups, outputs, *kernel)
+            return np.moveaxis(grouped, 1, -1).reshape(self.out_features, self.in_features)
         channels_last = np.moveaxis(stored, 1, -1)
         return channels_last.reshape(stored.shape[0], -1)
 
@@ -62,8 +75,16 @@ class Layout:
             return canonical.T
         if self.kind == "nk":
             return canonical
+        if self.kind == "convT":
+            inputs, outputs, *kernel = self.stored_shape
+            grouped = canonical.reshape(self.groups, outputs, *kernel, inputs // self.groups)
+            return np.moveaxis(grouped, -1, 1).reshape(self.stored_shape)
         out, channels, *kernel = self.stored_shape
         return np.moveaxis(canonical.reshape(out, *kernel, channels), -1, 1)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind in ("conv", "convT")
 
 
 @dataclass
@@ -159,12 +180,19 @@ def compile_regex(pattern: str | None, option: str) -> re.Pattern | None:
         raise UserError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from None
 
 
+_CONV_KINDS = {"Conv": "conv", "ConvTranspose": "convT"}
+
+
 @dataclass
 class _WeightUse:
     node: ir.Node
     op: str
     layout_kind: str
     via: tuple[str, ...]
+
+    def layout(self, stored_shape: tuple[int, ...]) -> Layout:
+        groups = self.node.attributes.get_int("group", 1) if self.op in _CONV_KINDS else 1
+        return Layout(self.layout_kind, stored_shape, groups)
 
 
 def trace_weight_uses(value: ir.Value, transposed: bool, via: tuple[str, ...], rank: int | None = None):
@@ -195,8 +223,8 @@ def trace_weight_uses(value: ir.Value, transposed: bool, via: tuple[str, ...], r
         elif op == "Gemm" and index == 1 and rank == 2:
             trans_b = bool(node.attributes.get_int("transB", 0))
             weight_uses.append(_WeightUse(node, op, "nk" if transposed ^ trans_b else "kn", via))
-        elif op == "Conv" and index == 1 and not transposed and rank is not None and rank >= 3:
-            weight_uses.append(_WeightUse(node, op, "conv", via))
+        elif op in _CONV_KINDS and index == 1 and not transposed and rank is not None and rank >= 3:
+            weight_uses.append(_WeightUse(node, op, _CONV_KINDS[op], via))
         else:
             other_uses.append(f"{op} {node.name}".strip())
     return weight_uses, other_uses
@@ -207,7 +235,7 @@ def _make_target(value: ir.Value, shape: tuple[int, ...], uses: list[_WeightUse]
     target = Target(
         value=value,
         op=first.op,
-        layout=Layout(first.layout_kind, shape),
+        layout=first.layout(shape),
         consumers=[Consumer(u.node, u.node.inputs[0].name) for u in uses],
         via=first.via,
     )
@@ -223,7 +251,7 @@ def _make_target(value: ir.Value, shape: tuple[int, ...], uses: list[_WeightUse]
 def _find_bias(node: ir.Node, out_features: int) -> ir.Value | None:
     """Gemm's C / Conv's B, or the initializer added right after a MatMul."""
     candidates = []
-    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2:
+    if node.op_type in ("Gemm", *_CONV_KINDS) and len(node.inputs) > 2:
         candidates.append(node.inputs[2])
     elif node.op_type == "MatMul":
         uses = node.outputs[0].uses()
@@ -283,7 +311,7 @@ def add_bias(target: Target, values: np.ndarray) -> None:
         values = values / node.attributes.get_float("beta", 1.0)  # Gemm adds beta·C
     bias = ir.Value(name=name, const_value=ir.Tensor(values.astype(dtype.numpy()), name=name))
     graph.register_initializer(bias)
-    if node.op_type in ("Gemm", "Conv"):
+    if node.op_type in ("Gemm", *_CONV_KINDS):
         if len(node.inputs) < 3:
             node.resize_inputs(3)
         node.replace_input_with(2, bias)

@@ -57,17 +57,19 @@ def test_conv_groups_run_along_input_channels(tmp_path):
     assert_runs_like(out, source)
 
 
-def test_conv_with_three_input_channels_fails_naming_the_layer(tmp_path):
+def test_conv_with_three_input_channels_fails_naming_the_layer_when_strict(tmp_path):
     source = save(conv_model(in_channels=3), tmp_path / "model.onnx")
     before = snapshot(tmp_path)
-    result = cli("apply", source, "-o", tmp_path / "out.onnx", "--pattern", "2:4")
+    result = cli("apply", source, "-o", tmp_path / "out.onnx", "--pattern", "2:4", "--strict")
     line = assert_user_error(result)
-    assert "/layers.0/conv/Conv" in line and "--skip-incompatible" in line
+    assert "/layers.0/conv/Conv" in line and "input channels=3" in line
     assert snapshot(tmp_path) == before
 
 
-def test_conv_with_three_input_channels_skipped_on_request(tmp_path):
-    source, out, report = prune_2_4(tmp_path, conv_model(in_channels=3), "--skip-incompatible")
+@pytest.mark.parametrize("flags", [(), ("--skip-incompatible",)], ids=["default", "deprecated-flag"])
+def test_conv_with_three_input_channels_left_dense_and_listed(tmp_path, flags):
+    source, out, report = prune_2_4(tmp_path, conv_model(in_channels=3), *flags)
+    assert any("cannot hold 2:4" in note and "--strict" in note for note in report["notes"])
     assert [t["name"] for t in report["targets"]] == ["layers.1.conv.weight"]
     assert [s["name"] for s in report["skipped"]] == ["layers.0.conv.weight"]
     assert report["skipped"][0]["node"] == "/layers.0/conv/Conv"
