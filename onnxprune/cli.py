@@ -260,6 +260,8 @@ def calibrate(
 @command(examples="""
 onnxprune sweep model.onnx -o sweep/ --methods magnitude,wanda --levels 0.5,0.7 --patterns 2:4 \\
     --calib train.txt --eval test.txt --nsamples 32 --seqlen 128
+onnxprune sweep model.onnx -o sweep/ --methods wanda,sparsegpt --levels 0.5 --calib train.txt --eval test.txt \\
+    --one-shot --ray head-node:6379 --cell-cpus 4
 """)
 def sweep(
     model: Path = typer.Argument(..., help="Dense ONNX causal LM."),
@@ -305,6 +307,7 @@ def sweep(
 onnxprune bench pruned.onnx --baseline dense.onnx --batch 1,8 --seqlen 128
 onnxprune bench pruned.onnx --baseline dense.onnx --providers cpu,cuda,tensorrt -o bench/
 onnxprune bench pruned.onnx --inputs inputs.npz --runs 100 --json
+onnxprune bench pruned.onnx --baseline dense.onnx --providers cpu,cuda --ray auto --nodes GPU -o bench/
 """)
 def bench(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
@@ -356,15 +359,16 @@ def _bench_on_ray(path: Path, baseline: Path | None, options, address: str, node
                   gemm24: bool, output: Path | None) -> None:
     from onnxprune.distributed import ClusterOptions
     from onnxprune.runtime_bench.ray_bench import bench_on_ray
-    from onnxprune.runtime_bench.report import cluster_markdown, write_cluster_bench
+    from onnxprune.runtime_bench.report import cluster_markdown, cluster_table, write_cluster_bench
 
     if options.inputs is not None and not Path(options.inputs).is_file():
         raise UserError(f"--inputs file not found: {options.inputs}")
     cluster = bench_on_ray(path, baseline, options, ClusterOptions(address, shared_storage=shared_storage), nodes,
                            gemm24)
-    print(cluster_markdown(cluster), end="")
+    emit_json(cluster | {"table": cluster_table(cluster)})
+    console.result(cluster_markdown(cluster).rstrip("\n"))
     if output:
-        stdout.print("wrote " + ", ".join(map(str, write_cluster_bench(cluster, output))))
+        info("wrote " + ", ".join(map(str, write_cluster_bench(cluster, output))))
 
 
 def _split(values: str) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune import console
 from onnxprune.atomic import atomic_path
 from onnxprune.distributed import (ClusterOptions, Shipped, check_feasible, failure_reason, finished, materialise,
                                    ray_session, scratch_dir, ship)
@@ -62,7 +63,7 @@ def run_cells_on_ray(model_path: Path, config: SweepConfig, todo: list[tuple[str
             if reason is not None:
                 record = cell_record(method, label) | {"status": "error", "error": reason}
             append_result(results_path, record)
-            if not sys.stderr.isatty():  # logs get one line per cell; a terminal has the progress bar
+            if not sys.stderr.isatty() and not console.is_quiet():  # logs: a line per cell; terminals: the bar
                 print(f"sweep: {count}/{len(pending)} {method} {label}: {record['status']}"
                       + (f" on {record['node']}" if "node" in record else ""), file=sys.stderr)
 

@@ -117,8 +117,9 @@ def test_bench_ray_gives_the_node_table(onnx_dir, tmp_path, ray_address):
     pruned = tmp_path / "pruned.onnx"
     cli("apply", dense, "-m", "magnitude", "-s", "0.5", "-o", pruned).ok()
     out = tmp_path / "bench"
-    cli("bench", pruned, "--baseline", dense, "--ray", "auto", "--batch", "1,2", "--seqlen", 8, "--warmup", 1,
-        "--runs", 3, "-o", out).ok()
+    done = cli("bench", pruned, "--baseline", dense, "--ray", "auto", "--batch", "1,2", "--seqlen", 8, "--warmup", 1,
+               "--runs", 3, "-o", out, "--json").ok()
+    assert [(r["provider"], r["batch"]) for r in json.loads(done.out)["table"]] == [("cpu", 1), ("cpu", 2)]
     result = json.loads((out / "bench.json").read_text())
     [node] = result["nodes"]
     hardware = node["hardware"]
