@@ -6,8 +6,10 @@ import functools
 import inspect as signatures
 import json
 import os
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +18,8 @@ from rich.table import Table
 
 from onnxprune import __version__, console
 from onnxprune.console import detail, emit_json, info, note, warn
-from onnxprune.errors import UserError, first_line
+from onnxprune.errors import UserError, first_line, os_user_error
+from onnxprune.validate import check_writable, check_writable_dir
 
 try:  # typer >= 0.20 parses with its own copy of click, whose exceptions are not click's
     from typer._click import exceptions as _click_exceptions
@@ -141,11 +144,13 @@ def apply(
         if strict:
             raise UserError("--skip-incompatible contradicts --strict; drop one of them")
         note("--skip-incompatible is deprecated: leaving layers that cannot hold N:M dense is the default now")
+    if report:
+        check_writable(report, report.with_suffix(".md"))  # before any work, not after the model is written
     result = run_apply(model, output, PruneOptions(method, spec, include, exclude, strict, seed,
                                                    external_data, calibration, allocation, data_free, add_bias,
                                                    target))
-    for text in result.notes:
-        note(text)
+    for text in result.notes:  # warnings from validate.py come as "warning: ..." notes
+        warn(text.removeprefix("warning: ")) if text.startswith("warning: ") else note(text)
     if report:
         write_report(result, report)
     emit_json(result.to_dict())
@@ -248,6 +253,7 @@ def calibrate(
 
     if output.suffix != ".npz":
         raise UserError(f"statistics file must end in .npz: {output}")
+    check_writable(output)
     summary = calibrate_to_file(model, output, CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer)),
                                 include, exclude, method)
     emit_json({"output": str(output), **summary})
@@ -296,6 +302,7 @@ def sweep(
                          eval_source, out_dir, nsamples, seqlen, _optional_str(tokenizer), prompt, max_new_tokens,
                          max_windows, one_shot, keep_models)
     cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
+    check_writable_dir(out_dir)
     results = run_sweep(_existing_model(model), config, cluster)
     failed = [r for r in results if r["status"] == "error"]
     emit_json({"output": str(out_dir), "cells": results})
@@ -337,6 +344,8 @@ def bench(
     options = BenchOptions(parse_providers(providers), parse_batches(batch), seqlen, warmup, runs, max_seconds,
                            ProviderSettings(threads, fp16), _optional_str(inputs), tolerance)
     path = _existing_model(model)
+    if output:
+        check_writable_dir(output)
     baseline_path = None if baseline is None else _existing_model(baseline)
     if ray is not None:
         _bench_on_ray(path, baseline_path, options, ray, _split(nodes), shared_storage, gemm24, output)
@@ -422,6 +431,7 @@ def evaluate(
     from onnxprune.atomic import write_text_atomic
 
     path = _existing_model(model)
+    check_writable(json_out)
     if reference is not None:
         from onnxprune.fidelity import fidelity
 
@@ -499,9 +509,12 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["--help"]  # bare `onnxprune` shows the commands, as no_args_is_help means
     console.configure(console.NORMAL, as_json=False)  # tests call main() many times in one process
     try:
-        result = group.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+        with _signals_as_exceptions():
+            result = group.main(args=argv, prog_name="onnxprune", standalone_mode=False)
     except UserError as exc:
         _fail(str(exc), 2)
+    except Terminated as exc:  # staging was removed on the way out (atomic.py)
+        _fail(f"stopped by {exc.signal_name}; nothing half-written was left behind", 128 + exc.signal_number)
     except _USAGE_ERRORS as exc:
         _fail(exc.format_message().splitlines()[0], 2)
     except _CLICK_ERRORS as exc:
@@ -511,10 +524,39 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
+        if isinstance(exc, OSError) and os_user_error(exc) is not None:
+            _fail(str(os_user_error(exc)), 2)
         if console.is_verbose():
             traceback.print_exc()
         _fail(f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with -v or ONNXPRUNE_DEBUG=1 for a traceback)", 1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+class Terminated(BaseException):
+    """SIGINT / SIGTERM / SIGHUP raised as an exception, so `finally` blocks remove staging, and the
+    run ends with one line (exit 128 + signal number) instead of a traceback or silence."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.signal_number, self.signal_name = number, signal.Signals(number).name
+
+
+@contextmanager
+def _signals_as_exceptions():
+    def terminate(number, _frame):
+        raise Terminated(number)
+
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[number] = signal.signal(number, terminate)
+        except ValueError:  # not the main thread (e.g. called from a worker): leave signals alone
+            pass
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _fail(message: str, code: int) -> None:

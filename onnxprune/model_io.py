@@ -9,12 +9,11 @@ weights first, so a reader never sees a half-written model and the input is neve
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
 
+from onnxprune.atomic import staging_dir
 from onnxprune.errors import UserError, first_line
 
 # Protobuf refuses messages over 2 GiB; stay well below it before switching to external data.
@@ -30,10 +29,33 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         if not candidate.is_file():
             raise UserError(f"{path} is a directory without model.onnx; pass the .onnx file")
         path = candidate
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes), not an ONNX model; was it copied or exported completely?")
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and friends: the file is not a model
         raise UserError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Weights kept in external files are read lazily: a missing or short file must fail here, not mid-run."""
+    sizes: dict[Path, int | None] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data = Path(tensor.base_dir) / tensor.location
+        if data not in sizes:
+            sizes[data] = data.stat().st_size if data.is_file() else None
+        if sizes[data] is None:
+            raise UserError(f"{path} keeps weight {value.name} in {tensor.location}, which is missing beside it "
+                            f"({data}); copy the data file next to the model")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[data]:
+            raise UserError(f"{data} is {sizes[data]:,} bytes but weight {value.name} ends at byte {end:,}: the data "
+                            "file is truncated or belongs to another model; copy it again")
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -58,7 +80,7 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
         raise UserError(f"output path must end in .onnx: {out}")
     if out.resolve() == src:
         raise UserError(f"output path {out} is the input model; choose another -o")
-    external = _external_data_file(out).resolve()
+    external = external_data_file(out).resolve()
     if external.exists() and external.parent == src.parent and external.name in external_files_of(src):
         raise UserError(f"output {out} would overwrite the input's external data {external.name}")
     return out
@@ -67,12 +89,10 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
 def save_model(model: ir.Model, output_path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write `model` atomically; `external_data=None` chooses it for large or externally stored models."""
     out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = uses_external_data(model) or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-    data_file = _external_data_file(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    data_file = external_data_file(out)
+    with staging_dir(out) as staging:
         staged_model = staging / out.name
         if external_data:
             ir.save(model, staged_model, external_data=data_file.name)
@@ -83,12 +103,10 @@ def save_model(model: ir.Model, output_path: str | os.PathLike, external_data: b
             ir.external_data.load_to_model(model)
             ir.save(model, staged_model)
         os.replace(staged_model, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
-def _external_data_file(model_path: Path) -> Path:
+def external_data_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + ".data")
 
 

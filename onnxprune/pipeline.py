@@ -16,7 +16,8 @@ from onnxprune.allocation import outlier_ratio, owl_sparsities
 from onnxprune.calibration import calibrate, group_by_block
 from onnxprune.emit import check_target, emit
 from onnxprune.errors import UserError
-from onnxprune.model_io import check_output_path, load_model, resolve_model_path, save_model
+from onnxprune.model_io import (check_output_path, external_data_file, load_model, resolve_model_path,
+                                save_model)
 from onnxprune.passes import Layer, NotApplicable, Pruned, PruningPass, get_pass
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
@@ -25,6 +26,8 @@ from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibra
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
 from onnxprune.targets import Target, add_bias, discover_targets, select_targets
+from onnxprune.validate import (check_samples, check_statistics, check_weights_finite, check_writable,
+                                constant_warning)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class StageTimer:
 def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions) -> Report:
     """Prune the model at `model_path` into `output_path`; the input file is never modified."""
     output = check_output_path(model_path, output_path)
+    check_writable(output, external_data_file(output))
     timer = StageTimer()
     with timer.stage("load"):
         model = load_model(model_path)
@@ -166,6 +170,7 @@ def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationS
         if not selected:
             raise UserError(_nothing_selected_message(samples.model_path or "the model", targets))
         selected, skipped = split_nm_incompatible(selected, options.pattern, options.strict)
+        check_weights_finite(selected)
     report = Report(__version__, "", "", method.name, options.pattern.label, options.pattern.sparsity, options.seed,
                     skipped=skipped)
     if skipped:
@@ -176,7 +181,11 @@ def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationS
         with timer.stage("allocate"):
             report.allocation = owl_allocation(model, selected, options, samples)
         patterns = {t.name: Pattern(report.allocation[_block_key(t)]) for t in selected}
+    constant: list[str] = []  # layers whose calibration activations are the same for every token
+
     def prune(group: list[Target], stats: dict[str, dict] | None = None) -> list[TargetRecord]:
+        if stats is not None:
+            constant.extend(check_statistics(group, stats, method.name))
         with timer.stage("prune"):
             return prune_targets(group, method, options.pattern, options.seed, stats, seed_index[id(group[0])],
                                  patterns, report.skipped, options.add_bias)
@@ -189,6 +198,7 @@ def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationS
         report.targets = prune(selected)
     if not report.targets:
         raise UserError(f"{method.name} is not applicable to any selected layer: {report.skipped[0]['reason']}")
+    report.notes += constant_warning(constant, method.name)
     with timer.stage("emit"):
         pruned = {record.name for record in report.targets}
         report.emit = emit(model, options.target, [t for t in selected if t.name in pruned])
@@ -210,8 +220,10 @@ class CalibrationSource:
         if self._samples is None:
             with self.timer.stage("load_data"):
                 self._samples = calibration_samples(self.model_path, input_names(self.model), self.calib)
+                check_samples(self.model, self._samples, self.calib.source)
             self._used = calibration_record(self.calib, nsamples=len(self._samples))
         elif self._used is None:
+            check_samples(self.model, self._samples, "the calibration samples")
             self._used = samples_record(self._samples, self.calib)
         return self._samples
 
@@ -235,6 +247,7 @@ def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions
     if options.pattern.is_nm:
         raise UserError("--allocation owl sets a sparsity per block; it needs unstructured --sparsity, not N:M")
     stats = samples.stats_file() or calibrate(model, [targets], samples.samples(), frozenset({"sq_sum"}))
+    check_statistics(targets, stats, "owl")
     scores: dict[str, list[np.ndarray]] = {}
     for target in targets:
         entry = stats.get(target.name, {})
@@ -274,7 +287,8 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
     records: list[TargetRecord] = []
     groups = group_by_block(targets) if calib.sequential else [targets]
     with timer.stage("calibrate"):  # its load_data and prune stages are timed apart
-        calibrate(model, groups, samples.samples(), needs, lambda group, stats: records.extend(prune(group, stats)))
+        calibrate(model, groups, samples.samples(), needs | {"sum"},  # sum: to tell constant activations
+                  lambda group, stats: records.extend(prune(group, stats)))
     return records
 
 

@@ -548,6 +548,7 @@ def prune_structured(model: ir.Model, options, samples, timer) -> StructuredRepo
     """`--pattern structured` (through `pipeline.prune_model`): plan, calibrate (one-shot, the
     consumers' inputs) when the method needs statistics, prune `model` in place."""
     from onnxprune.calibration import calibrate
+    from onnxprune.validate import check_statistics, check_weights_finite, constant_warning
 
     method = structured_method(options.method)
     needs = METHOD_NEEDS[method]
@@ -557,14 +558,18 @@ def prune_structured(model: ir.Model, options, samples, timer) -> StructuredRepo
         reasons = "; ".join(f"{g.kind} {g.producers[0].target.node_name}: {g.reason}" for g in plan.groups[:3])
         raise UserError(f"no prunable channel group in {samples.model_path or 'the model'}"
                         + (f" ({reasons})" if reasons else ""))
-    stats = None
+    check_weights_finite({id(w.target): w.target for g in plan.groups if g.prunable
+                          for w in g.weights}.values())
+    stats, constant = None, []
     if needs:
         stats = samples.stats_file()
         if stats is None:
             with timer.stage("calibrate"):  # its load_data stage is timed apart
                 stats = calibrate(model, [plan.consumers()], samples.samples(), needs)
+        constant = check_statistics(plan.consumers(), stats, method)
     with timer.stage("prune"):
         report = plan.prune(options.pattern.sparsity, method, stats, options.add_bias)
+    report.notes += constant_warning(constant, method)
     report.seed = options.seed
     if not report.pruned:
         raise UserError(f"no channel group could be pruned: {report.refused[0].reason}")
