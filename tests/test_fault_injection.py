@@ -172,12 +172,12 @@ def test_paths_under_a_file_are_refused_before_any_work(tmp_path, where):
 
 @pytest.mark.parametrize("command", [
     lambda d: ["eval", d / "model.onnx", "--reference", d / "model.onnx", "--inputs", d / "calib.npz",
-               "--json", d / "afile" / "f.json"],
+               "-o", d / "afile" / "f.json"],
     lambda d: ["calibrate", d / "model.onnx", "--calib", d / "calib.npz", "-o", d / "afile" / "s.npz"],
     lambda d: ["sweep", d / "model.onnx", "--methods", "magnitude", "--levels", "0.5", "--eval", "wikitext2",
                "-o", d / "afile"],
     lambda d: ["bench", d / "model.onnx", "--runs", "1", "-o", d / "afile"],
-], ids=["eval --json", "calibrate -o", "sweep -o", "bench -o"])
+], ids=["eval -o", "calibrate -o", "sweep -o", "bench -o"])
 def test_other_commands_check_their_outputs_first(tmp_path, command):
     dense_model(tmp_path)
     inputs(tmp_path, normal())
