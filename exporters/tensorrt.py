@@ -27,8 +27,8 @@ Eligible but likely slow (`notes`, `likely_fast` False; only said of eligible la
     increases the C by 9x" (github.com/NVIDIA/TensorRT/issues/3849, also #4065). TensorRT does
     not publish a threshold for GEMMs; the same one is applied as a rule of thumb.
 
-Weights fed through DequantizeLinear (int8 Q/DQ, TensorRT's sparse int8 path) are found as well
-and reported with `quantized: True`; floating-point targets report their stored dtype.
+Weights fed through DequantizeLinear (int8 Q/DQ, TensorRT's sparse int8 path) are targets like any
+other and reported with `quantized: True`; every target reports its stored dtype.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.patterns import nm_valid
-from onnxprune.targets import FLOAT_TYPES, Layout, Target, trace_weight_uses
+from onnxprune.layout import Layout
+from onnxprune.targets import Target
+from onnxprune.weight_chain import constant_array
 
 ALIGN_OUT, ALIGN_K = 8, 16
 LARGE_ENOUGH = 256
@@ -46,15 +48,21 @@ DOCS = ("https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library
 
 
 def tensorrt_eligibility(model: ir.Model, targets: list[Target], include_quantized: bool = True) -> list[dict]:
-    """One row per target (and per Q/DQ-fed weight when `include_quantized`):
+    """One row per target (Q/DQ-fed weights only when `include_quantized`):
 
     {name, node, op, shape, k, out, dtype, quantized, two_four_valid, eligible, likely_fast,
     reasons, notes}. `k` is the canonical reduction length (Conv: C/g x kernel area).
     """
-    rows = [_row(t.name, t.consumers[0].node, t.op, t.layout, t.read(), t.stored_dtype.name, quantized=False)
-            for t in targets]
-    if include_quantized:
-        rows += _quantized_rows(model.graph)
+    rows = []
+    for target in targets:
+        dequantize = next((s.node for s in target.chain if s.op == "DequantizeLinear"), None)
+        if dequantize is not None and not include_quantized:
+            continue
+        extra = ()
+        if dequantize is not None and np.any(_zero_point(dequantize) != 0):
+            extra = ("weight quantized with a non-zero zero point: TensorRT needs symmetric int8 weights",)
+        rows.append(_row(target.name, target.consumers[0].node, target.op, target.layout, target.read(),
+                         target.stored_dtype.name, quantized=dequantize is not None, extra_reasons=extra))
     return rows
 
 
@@ -85,60 +93,16 @@ def _row(name: str, node: ir.Node, op: str, layout: Layout, canonical: np.ndarra
     if op == "MatMul":
         info.append("MatMul with a constant weight: TensorRT builds it as a GEMM and lists it as eligible for "
                     "sparse math (NVIDIA/TensorRT#2169); it keeps the sparse tactic only if that times faster")
-    return {"name": name, "node": node.name or name, "op": op, "shape": list(layout.stored_shape), "k": k,
+    return {"name": name, "node": node.name or name, "op": op, "shape": list(layout.shape), "k": k,
             "out": out, "dtype": dtype, "quantized": quantized, "two_four_valid": valid,
             "eligible": not reasons, "likely_fast": not reasons and not slow,
             "reasons": reasons, "notes": slow + info}
 
 
-def _quantized_rows(graph: ir.Graph) -> list[dict]:
-    """Weights reaching MatMul/Gemm/Conv through DequantizeLinear (int8, or float Q→DQ)."""
-    rows = []
-    for node in graph:
-        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
-            continue
-        source = _dequantized_source(node)
-        if source is None:
-            continue
-        weight = source.const_value.numpy()
-        zero_point = _zero_point(node, weight.ndim)
-        extra = ()
-        if np.any(zero_point != 0):
-            extra = ("weight quantized with a non-zero zero point: TensorRT needs symmetric int8 weights",)
-        if source is node.inputs[0]:  # stored codes: a weight is zero where its code is the zero point
-            weight = weight.astype(np.int64) - zero_point
-        uses, _ = trace_weight_uses(node.outputs[0], transposed=False, via=("DequantizeLinear",), rank=weight.ndim)
-        for use in uses:
-            layout = use.layout(tuple(weight.shape))
-            rows.append(_row(source.name, use.node, use.op, layout, layout.to_canonical(weight),
-                             source.const_value.dtype.name, quantized=True, extra_reasons=extra))
-    return rows
-
-
-def _dequantized_source(node: ir.Node) -> ir.Value | None:
-    """The initializer behind a DequantizeLinear: its integer input, or the float weight that a
-    QuantizeLinear in front quantizes (a float zero stays exactly zero through Q→DQ)."""
-    x = node.inputs[0]
-    producer = x.producer() if x is not None else None
-    quantized_here = producer is not None and producer.op_type == "QuantizeLinear"
-    if quantized_here:
-        x = producer.inputs[0]
-    if x is None or not x.is_initializer() or x.const_value is None or len(x.const_value.shape) < 2:
-        return None
-    return x if quantized_here or x.const_value.dtype not in FLOAT_TYPES else None
-
-
-def _zero_point(node: ir.Node, rank: int) -> np.ndarray:
-    """DequantizeLinear's zero point, broadcastable to its input (0 when absent)."""
+def _zero_point(node: ir.Node) -> np.ndarray:
+    """DequantizeLinear's zero point (0 when absent)."""
     value = node.inputs[2] if len(node.inputs) > 2 else None
-    if value is None or value.const_value is None:
-        return np.zeros((), np.int64)
-    zero_point = value.const_value.numpy().astype(np.int64)
-    if zero_point.ndim == 1 and rank > 1:  # per-axis
-        shape = [1] * rank
-        shape[node.attributes.get_int("axis", 1) % rank] = -1
-        zero_point = zero_point.reshape(shape)
-    return zero_point
+    return np.zeros(()) if value is None else constant_array(value)
 
 
 def eligibility_markdown(rows: list[dict]) -> str:

@@ -27,13 +27,40 @@ def block_from_name(name: str) -> str | None:
     return match.group(1).replace("/", ".").strip(".")
 
 
+def node_positions(graph: ir.Graph) -> tuple[dict[ir.Node, int], dict[ir.Graph, ir.Node]]:
+    """Execution order of every node, subgraph nodes included (a body's nodes come right after
+    the If/Loop/Scan that holds them), and the node that holds each subgraph."""
+    positions: dict[ir.Node, int] = {}
+    owners: dict[ir.Graph, ir.Node] = {}
+
+    def visit(current: ir.Graph) -> None:
+        for node in current:
+            positions[node] = len(positions)
+            for attribute in node.attributes.values():
+                for body in attribute_subgraphs(attribute):
+                    owners[body] = node
+                    visit(body)
+
+    visit(graph)
+    return positions, owners
+
+
+def attribute_subgraphs(attribute) -> list[ir.Graph]:
+    """The bodies an attribute holds (If's branches, Loop's and Scan's body)."""
+    if attribute.type == ir.AttributeType.GRAPH:
+        return [attribute.value]
+    if attribute.type == ir.AttributeType.GRAPHS:
+        return list(attribute.value)
+    return []
+
+
 def assign_blocks(graph: ir.Graph, targets: list[Target]) -> None:
     """Set `block` and `block_index` (execution order) on every target."""
     for target in targets:
         target.block = block_from_name(target.node_name) or block_from_name(target.name)
     if not any(t.block for t in targets):
         _assign_by_residual_joins(graph, targets)
-    order = {node: index for index, node in enumerate(graph)}
+    order, _ = node_positions(graph)
     first_seen: dict[str, int] = {}
     for target in targets:
         if target.block is not None:
@@ -45,7 +72,7 @@ def assign_blocks(graph: ir.Graph, targets: list[Target]) -> None:
 
 
 def _assign_by_residual_joins(graph: ir.Graph, targets: list[Target]) -> None:
-    order = {node: index for index, node in enumerate(graph)}
+    order, _ = node_positions(graph)
     joins = [order[node] for node in graph if node.op_type == "Add" and _is_residual_join(node, order)]
     if not joins:
         return

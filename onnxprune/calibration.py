@@ -25,7 +25,8 @@ from onnx import helper
 from onnxprune.boundary_cache import BoundaryCache
 from onnxprune.errors import UserError, first_line
 from onnxprune.progress import progress_bar
-from onnxprune.statistics import Accumulator, Uncalibrated, activation_rows, rows_key
+from onnxprune.blocks import attribute_subgraphs
+from onnxprune.statistics import Accumulator, Uncalibrated, activation_rows
 from onnxprune.targets import Consumer, Target
 
 Sample = dict[str, np.ndarray]
@@ -37,7 +38,7 @@ class Segment:
     nodes: list[ir.Node]
     targets: list[Target]
     inputs: list[str] = field(default_factory=list)  # fed: graph inputs or cached boundary tensors
-    activations: dict[tuple, Consumer] = field(default_factory=dict)  # statistics gathered, by rows_key
+    activations: dict[tuple[str, str], Consumer] = field(default_factory=dict)  # statistics per Consumer.stat_key
     boundary: list[str] = field(default_factory=list)  # produced here, read by later segments
 
 
@@ -74,7 +75,7 @@ def plan_segments(graph: ir.Graph, groups: list[list[Target]]) -> list[Segment]:
         segment.nodes = list(constants) + segment.nodes
         for target in segment.targets:
             for consumer in target.consumers:
-                segment.activations.setdefault(rows_key(consumer), consumer)
+                segment.activations.setdefault(consumer.stat_key, consumer)
                 if consumer.activation not in produced and consumer.activation not in segment.inputs:
                     segment.inputs.append(consumer.activation)
     for index, segment in enumerate(segments):
@@ -147,7 +148,7 @@ def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers
                 refused[key] = f"not calibrated: {reason}"
     stats, shared = {}, {}
     for target in segment.targets:
-        keys = tuple(dict.fromkeys(rows_key(c) for c in target.consumers))
+        keys = tuple(dict.fromkeys(c.stat_key for c in target.consumers))
         reasons = [refused[key] for key in keys if key in refused]
         if reasons:
             stats[target.name] = {"refused": reasons[0]}
@@ -253,7 +254,7 @@ def _consumed(nodes: list[ir.Node]) -> dict[str, ir.Value]:
             if value is not None:
                 consumed.setdefault(value.name, value)
         for attribute in node.attributes.values():
-            for subgraph in _subgraphs(attribute):
+            for subgraph in attribute_subgraphs(attribute):
                 inner = {v.name for n in ir.traversal.RecursiveGraphIterator(subgraph) for v in n.outputs}
                 inner |= {v.name for v in subgraph.inputs} | set(subgraph.initializers)
                 for inner_node in ir.traversal.RecursiveGraphIterator(subgraph):
@@ -261,14 +262,6 @@ def _consumed(nodes: list[ir.Node]) -> dict[str, ir.Value]:
                         if value is not None and value.name not in inner:
                             consumed.setdefault(value.name, value)
     return consumed
-
-
-def _subgraphs(attribute) -> list[ir.Graph]:
-    if attribute.type == ir.AttributeType.GRAPH:
-        return [attribute.value]
-    if attribute.type == ir.AttributeType.GRAPHS:
-        return list(attribute.value)
-    return []
 
 
 def _merge_interleaved(groups: list[list[Target]], position: dict) -> list[list[Target]]:

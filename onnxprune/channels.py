@@ -117,11 +117,16 @@ class WeightSlice:
     size: int
 
     @property
-    def stored_axis(self) -> int:
+    def operand_axis(self) -> int:
+        """The axis of the operand (as the node reads it) that holds these rows or columns."""
         kind = self.target.layout.kind
         if self.role == "rows":
             return 1 if kind == "kn" else 0
         return 0 if kind == "kn" else 1
+
+    @property
+    def stored_axis(self) -> int:
+        return self.target.stored_axis(self.operand_axis)
 
 
 @dataclass
@@ -300,7 +305,8 @@ class ChannelGraph:
 
     def is_producer(self, target: Target) -> bool:
         node = target.consumers[0].node
-        return node.op_type in LINEARS and node.domain in ("", "ai.onnx") and not _depthwise(node)
+        return node.op_type in LINEARS and node.domain in ("", "ai.onnx") and not _depthwise(node) \
+            and target.structured_reason is None
 
     def group_of(self, seed: Target) -> ChannelGroup:
         units = seed.layout.out_features
@@ -452,13 +458,13 @@ class _Walk:
 
     def _axis_out(self, node: ir.Node, target: Target) -> Axis:
         if node.op_type == "Conv":
-            return Axis(1 - len(target.layout.stored_shape), target.layout.out_features)
+            return Axis(1 - len(target.layout.shape), target.layout.out_features)
         return Axis(-1, target.layout.out_features)
 
     def _linear(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         target = self.a.by_node[node]
-        if target.skip_reason or len(target.consumers) > 1:
-            raise Refuse(f"{target.name}: {target.skip_reason or 'shared by several nodes'}")
+        if target.skip_reason or len(target.consumers) > 1 or target.structured_reason:
+            raise Refuse(f"{target.name}: {target.skip_reason or target.structured_reason or 'shared by several nodes'}")
         if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
             raise Refuse(f"grouped convolution {node.name}")
         if anchor is node.outputs[0]:
@@ -479,7 +485,7 @@ class _Walk:
         if anchor is not node.inputs[0]:
             raise Refuse(f"{node.name}: the channel reaches its weight operand")
         if node.op_type == "Conv":
-            expected = Axis(1 - len(target.layout.stored_shape), target.layout.stored_shape[1])
+            expected = Axis(1 - len(target.layout.shape), target.layout.shape[1])
         elif node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             expected = Axis(-2, target.layout.in_features)
         else:

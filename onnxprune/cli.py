@@ -193,17 +193,24 @@ def inspect(
     report = inspect_model(model, [(p.n, p.m) for p in nm], include, exclude)
     emit_json(report)
     table = Table(title=report["model"])
-    for column in ["target", "op", "shape", "block", "selected", "sparsity", *report["targets"][0]["nm_valid"]] if report["targets"] else []:
+    for column in ["target", "op", "shape", "block", "selected", "sparsity", *(f"{p.n}:{p.m}" for p in nm)]:
         table.add_column(column, overflow="fold")
     for row in report["targets"]:
-        table.add_row(row["node"], row["op"], "×".join(map(str, row["shape"])), row["block"] or "-",
-                      "yes" if row["selected"] else f"no: {row['note']}", f"{row['sparsity']:.4f}",
-                      *("yes" if ok else "no" for ok in row["nm_valid"].values()))
+        selected = "yes" if row["selected"] else f"no: {row['note']}"
+        if row["calibration"]:
+            selected += f" (calibrated methods: no, {row['calibration']})"
+        table.add_row(row["node"], row["op"], "×".join(map(str, row["shape"])), row["block"] or "-", selected,
+                      f"{row['sparsity']:.4f}", *("yes" if ok else "no" for ok in row["nm_valid"].values()))
+    for row in report["unsupported"]:
+        table.add_row(row["node"], row["op"], "×".join(map(str, row["shape"])), "-", f"no: {row['reason']}", "-",
+                      *("-" for _ in nm))
     info(table)
     totals = report["totals"]
     console.result(f"{totals['candidates']} prunable weights in {totals['blocks']} blocks, {totals['params']:,} parameters; "
-                 f"{totals['selected']} selected by default ({totals['selected_params']:,} parameters); "
-                 f"current sparsity {totals['sparsity']:.2%}")
+                   f"{totals['selected']} selected by default ({totals['selected_params']:,} parameters); "
+                   f"current sparsity {totals['sparsity']:.2%}"
+                   + (f"; {totals['unsupported']} weights ({totals['unsupported_params']:,} parameters) in forms "
+                      "that cannot be pruned" if totals["unsupported"] else ""))
 
 
 @command(examples="""

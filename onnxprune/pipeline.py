@@ -25,7 +25,7 @@ from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibra
                                samples_record, stats_file_record)
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
-from onnxprune.targets import Target, add_bias, discover_targets, select_targets
+from onnxprune.targets import Discovery, Target, add_bias, discover, select_targets, untouched_weights
 from onnxprune.validate import (check_samples, check_statistics, check_weights_finite, check_writable,
                                 constant_warning)
 
@@ -70,7 +70,8 @@ class Report:
     sparsity: float
     seed: int
     targets: list[TargetRecord] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # selected, but left dense: {name, node, reason}
+    untouched: list[dict] = field(default_factory=list)  # found, not selected: {name, node, op, params, reason}
     allocation: dict[str, float] = field(default_factory=dict)  # per-block sparsity when not uniform
     emit: dict = field(default_factory=dict)  # what the hardware emitter did (onnxprune.emit)
     notes: list[str] = field(default_factory=list)  # advice for the user
@@ -165,17 +166,22 @@ def save_pruned(model: ir.Model, report, output: str | Path, external_data: bool
 def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationSource, timer: StageTimer) -> Report:
     method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
     with timer.stage("discover"):
-        targets = discover_targets(model)
-        selected = select_targets(targets, options.include, options.exclude)
+        discovery = discover(model)
+        selected = select_targets(discovery.targets, options.include, options.exclude)
         if not selected:
-            raise UserError(_nothing_selected_message(samples.model_path or "the model", targets))
+            raise UserError(_nothing_selected_message(samples.model_path or "the model", discovery))
         selected, skipped = split_nm_incompatible(selected, options.pattern, options.strict)
         check_weights_finite(selected)
+        nm_skipped = len(skipped)
+        if method.needs or options.allocation == "owl":
+            selected, refused = split_uncalibrated(selected)
+            skipped += refused
     report = Report(__version__, "", "", method.name, options.pattern.label, options.pattern.sparsity, options.seed,
-                    skipped=skipped)
-    if skipped:
-        report.notes.append(f"{len(skipped)} layer(s) cannot hold {options.pattern.label} and stay dense "
+                    skipped=skipped, untouched=untouched_weights(discovery, options.include, options.exclude))
+    if nm_skipped:
+        report.notes.append(f"{nm_skipped} layer(s) cannot hold {options.pattern.label} and stay dense "
                             f"(e.g. {skipped[0]['node']}: {skipped[0]['reason']}); --strict makes this an error")
+    report.notes += untouched_notes(report.untouched)
     patterns = None
     if options.allocation == "owl":
         with timer.stage("allocate"):
@@ -312,10 +318,35 @@ def calibrate_model(model: ir.Model, samples: CalibrationSource, include: str | 
     needs = get_pass(method_name).needs if method_name else STAT_KEYS
     if not needs:
         raise UserError(f"method {method_name!r} needs no calibration")
-    targets = select_targets(discover_targets(model), include, exclude)
+    discovery = discover(model)
+    targets = select_targets(discovery.targets, include, exclude)
     if not targets:
-        raise UserError(_nothing_selected_message(samples.model_path or "the model", discover_targets(model)))
+        raise UserError(_nothing_selected_message(samples.model_path or "the model", discovery))
+    targets, _ = split_uncalibrated(targets)
     return calibrate(model, [targets], samples.samples(), frozenset(needs))
+
+
+def split_uncalibrated(targets: list[Target]) -> tuple[list[Target], list[dict]]:
+    """Calibrated methods leave alone, layer by layer, the weights whose activations cannot be
+    captured (the reason goes to the report); only when none is left is it an error."""
+    kept = [t for t in targets if t.calibration_reason is None]
+    skipped = [{"name": t.name, "node": t.node_name, "reason": f"calibration: {t.calibration_reason}"}
+               for t in targets if t.calibration_reason is not None]
+    if not kept:
+        raise UserError(f"no selected layer can be calibrated: {skipped[0]['node']}: {skipped[0]['reason']}"
+                        + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+                        + "; data-free methods (magnitude, ...) can prune them")
+    return kept, skipped
+
+
+def untouched_notes(untouched: list[dict]) -> list[str]:
+    """One line per reason: how many weights (and parameters) were left untouched for it."""
+    by_reason: dict[str, list[dict]] = {}
+    for record in untouched:
+        by_reason.setdefault(record["reason"], []).append(record)
+    return [f"left untouched: {len(records)} weight{'s' * (len(records) > 1)} "
+            f"({sum(r['params'] for r in records):,} parameters): {reason}"
+            for reason, records in sorted(by_reason.items(), key=lambda item: -len(item[1]))]
 
 
 def split_nm_incompatible(targets: list[Target], pattern: Pattern, strict: bool) -> tuple[list[Target], list[dict]]:
@@ -350,13 +381,16 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
     records = []
     for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
         own_stats = stats.get(target.name) if stats else None
+        if own_stats is not None and not own_stats.get("tokens", 1) and "refused" not in own_stats:
+            own_stats = {"refused": "not calibrated: no activation rows reached this weight "
+                                    "(a recurrent R sees none in one-step sequences)"}
         if own_stats is not None and "refused" in own_stats:
             if skipped is None:
                 raise UserError(f"{target.node_name}: {own_stats['refused']}")
             skipped.append({"name": target.name, "node": target.node_name, "reason": own_stats["refused"]})
             continue
         layer = Layer(target.name, target.read(), target.read_bias(), np.random.default_rng([seed, index]), own_stats,
-                      allow_new_bias=add_bias and target.bias is None and len(target.consumers) == 1)
+                      allow_new_bias=add_bias and target.can_take_bias)
         own_pattern = patterns[target.name] if patterns else pattern
         try:
             pruned = prune_layer(method, layer, own_pattern)
@@ -396,7 +430,7 @@ def prune_layer(method: PruningPass, layer: Layer, pattern: Pattern) -> Pruned:
 
 def record_of(target: Target, canonical: np.ndarray, pattern: Pattern | None, bias_changed: bool = False) -> TargetRecord:
     return TargetRecord(
-        name=target.name, node=target.node_name, op=target.op, shape=list(target.layout.stored_shape),
+        name=target.name, node=target.node_name, op=target.op, shape=list(target.stored_shape),
         block=target.block, params=int(canonical.size), zeros=int((canonical == 0).sum()),
         sparsity=sparsity_of(canonical),
         nm_valid=nm_valid(canonical, pattern.n, pattern.m) if pattern is not None and pattern.is_nm else None,
@@ -423,9 +457,15 @@ def input_names(model: ir.Model) -> list[str]:
     return [v.name for v in model.graph.inputs if not v.is_initializer()]
 
 
-def _nothing_selected_message(model_path, targets: list[Target]) -> str:
+def _nothing_selected_message(model_path, discovery: Discovery) -> str:
+    targets = discovery.targets
+    if not targets and discovery.untouched:
+        reasons = sorted({u["reason"] for u in discovery.untouched})
+        return (f"no prunable weights in {model_path}: {len(discovery.untouched)} weights found, all in forms that "
+                f"cannot be pruned ({'; '.join(reasons)[:200]})")
     if not targets:
-        return f"no prunable weights found in {model_path} (no MatMul/Gemm/Conv with a float initializer weight)"
+        return (f"no prunable weights found in {model_path} (no MatMul/Gemm/Conv/Einsum/recurrent/Attention "
+                f"weight stored as a constant)")
     reasons = sorted({t.skip_reason or t.default_reason for t in targets if t.skip_reason or t.default_reason})
     return (f"no prunable weights selected in {model_path}: {len(targets)} candidates all left out "
             f"({'; '.join(reasons)[:200]}); use --include REGEX to choose layers")

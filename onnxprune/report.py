@@ -48,6 +48,9 @@ def report_markdown(report: Report) -> str:
     if report.skipped:
         lines += ["", "## Left dense", "", markdown_table(["target", "reason"],
                                                           [[s["node"], s["reason"]] for s in report.skipped])]
+    if report.untouched:
+        lines += ["", "## Not selected", "", markdown_table(["weight", "node", "op", "params", "reason"], [
+            [u["name"], u["node"], u["op"], f"{u['params']:,}", u["reason"]] for u in report.untouched])]
     return "\n".join(lines) + "\n"
 
 

@@ -8,21 +8,23 @@ A grouped convolution's output channels of group j see only group j's input chan
 statistics carry a leading group axis (Σx² [g, K], Σxxᵀ [g, K, K]) and `split_groups` cuts the
 layer into g independent sub-problems; every other layer has one group, stored without that axis.
 
-Adding an op = one rule in `ROW_RULES`: how its input tensor becomes the rows [groups, tokens, K]
-that multiply the canonical weight's rows.
+How each op's input becomes the rows [groups, tokens, K] that multiply the canonical weight's rows
+is part of that op's rule in `weight_ops.RULES`; the convolutions' im2col lives here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxprune.extras import LazyModule
-from onnxprune.targets import Consumer
+
+if TYPE_CHECKING:
+    from onnxprune.weight_ops import Consumer
 
 torch = LazyModule("torch", "calibration statistics")  # imported on first use: the core install has no torch
 
@@ -96,36 +98,12 @@ def statistics_width(stats: dict, key: str) -> int:
     return int(np.shape(stats[key])[-1])
 
 
-RowRule = Callable[[np.ndarray, ir.Node], np.ndarray]
-
-
 def activation_rows(x: np.ndarray, consumer: Consumer) -> np.ndarray:
     """The activation as the rows [groups, tokens, K] that multiply the canonical weight's rows."""
-    rule = ROW_RULES.get(consumer.node.op_type)
-    if rule is None:
-        raise Uncalibrated(f"calibration has no rule for the inputs of {consumer.node.op_type}")
-    return rule(np.asarray(x), consumer.node)
+    return consumer.rows(np.asarray(x))
 
 
-def rows_key(consumer: Consumer) -> tuple:
-    """Identifies an accumulator: the activation and everything that shapes its rows (two convs
-    reading one tensor with different kernels see different patches)."""
-    node = consumer.node
-    if node.op_type not in ("Conv", "ConvTranspose"):
-        return (consumer.activation, node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
-    attributes = tuple(sorted((name, str(a.value)) for name, a in node.attributes.items()))
-    return (consumer.activation, node.op_type, _weight_shape(node), attributes)
-
-
-def _matmul_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
-    return x.reshape(1, -1, x.shape[-1])
-
-
-def _gemm_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
-    return (x.T if node.attributes.get_int("transA", 0) else x)[None]
-
-
-def _conv_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
+def conv_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
     """im2col of any-rank Conv: columns ordered (*kernel, C/g) like the canonical Conv weight."""
     geometry = _ConvGeometry(x, node)
     begins, ends = geometry.conv_pads(x.shape[2:])
@@ -133,7 +111,7 @@ def _conv_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
                             geometry.groups, flip=False)
 
 
-def _conv_transpose_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
+def conv_transpose_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
     """ConvTranspose as the Conv it equals: the input with stride-1 zeros between its pixels,
     padded by d·(k−1) − pad, correlated (stride 1) with the flipped kernel. Columns are ordered
     (*kernel, C_in/g), kernel positions in the stored (unflipped) order."""
@@ -148,14 +126,6 @@ def _conv_transpose_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:
     return _grouped_patches(upsampled, geometry.kernel, [1] * len(spatial), geometry.dilations,
                             [r - b for r, b in zip(reach, begins)],
                             [r - e + p for r, e, p in zip(reach, ends, output_padding)], geometry.groups, flip=True)
-
-
-ROW_RULES: dict[str, RowRule] = {
-    "MatMul": _matmul_rows,
-    "Gemm": _gemm_rows,
-    "Conv": _conv_rows,
-    "ConvTranspose": _conv_transpose_rows,
-}
 
 
 class _ConvGeometry:

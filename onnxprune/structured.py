@@ -20,7 +20,7 @@ names live in `passes/`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
 from onnxprune.errors import UserError
-from onnxprune.targets import FLOAT_TYPES, TINY_K, Layout, Target, discover_targets
+from onnxprune.targets import FLOAT_TYPES, TINY_K, Target, discover_targets
 from onnxprune.targets import add_bias as give_bias
 from onnxprune.targets import compile_regex
 
@@ -372,7 +372,9 @@ class _Editor:
         stored = target.value.const_value.numpy()
         old_layout = target.layout
         self.set_value(target.value, np.take(stored, keep, axis=weight.stored_axis))
-        target.layout = Layout(old_layout.kind, tuple(target.value.const_value.shape))
+        operand_shape = list(old_layout.shape)
+        operand_shape[weight.operand_axis] = len(keep)
+        target.layout = replace(old_layout, shape=tuple(operand_shape))
         self.undo.append(lambda: setattr(target, "layout", old_layout))
         value = target.value
         for _ in target.via:  # Transpose/Cast outputs between the initializer and the node

@@ -1,0 +1,298 @@
+"""The ops that multiply a weight: one `WeightRule` per (op, weight input) in `RULES`.
+
+A rule says how the operand maps to the canonical `W[out, K]` (a `Layout`, or why this form is
+not supported), how to get the activation X whose rows multiply W's rows for calibrated methods
+(an `Activation`, or why it cannot be captured), and where the op keeps a bias. Ops that hold
+weights in a form nothing can prune yet are listed with their reason, so the report says why
+their weights were left alone instead of passing over them in silence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.layout import Layout
+from onnxprune.statistics import conv_rows, conv_transpose_rows
+from onnxprune.weight_chain import Step, constant_array, op_name, to_dtype
+
+Rows = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Activation:
+    value: ir.Value  # X: an input of the node (or, for recurrent R, its hidden-state output)
+    form: str  # how X becomes rows; consumers reading X in the same form share statistics
+    rows: Rows  # X → rows [groups, tokens, K], columns in canonical K order
+
+
+@dataclass
+class Consumer:
+    node: ir.Node
+    activation: str  # the tensor X multiplied by the weight ("" when it cannot be captured)
+    form: str = "rows"
+    rows: Rows | None = None
+
+    @property
+    def stat_key(self) -> tuple[str, str]:
+        return self.activation, self.form
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    op: str  # op_type; `domain.op_type` outside the default domain
+    weight_input: int
+    layout: Callable[[ir.Node, tuple[int, ...]], Layout | str]
+    activation: Callable[[ir.Node, Layout], Activation | str]
+    bias_input: int | None = None  # the node's own per-output bias operand
+    bias_after: bool = False  # a bias is an Add right after the node (outputs on the last axis)
+    # integer operands the node dequantizes itself (MatMulInteger's zero point): a last chain step
+    operand_step: Callable[[ir.Node, tuple[int, ...], np.dtype], Step | str] | None = None
+
+
+def rule_for(node: ir.Node, index: int) -> WeightRule | None:
+    return _BY_USE.get((op_name(node), index))
+
+
+def _refused(reason: str):
+    return lambda node, *_: reason
+
+
+def _flat_rows(x: np.ndarray) -> np.ndarray:
+    """One row per position of the leading axes, as a single group."""
+    return x.reshape(1, -1, x.shape[-1])
+
+
+def _input_rows(index: int, transpose_last: bool = False):
+    """X = input `index`, one row per position of its leading axes (swapped last two if asked)."""
+    def activation(node: ir.Node, layout: Layout) -> Activation:
+        if transpose_last:
+            return Activation(node.inputs[index], "swap_last", lambda x: _flat_rows(np.swapaxes(x, -1, -2)))
+        return Activation(node.inputs[index], "rows", _flat_rows)
+    return activation
+
+
+def _matrix(kind: str):
+    def layout(node: ir.Node, shape) -> Layout | str:
+        if len(shape) != 2:
+            return f"{len(shape)}-D weight operand (a batched product of {list(shape)}): only matrices are pruned"
+        return Layout(kind, shape)
+    return layout
+
+
+def _matmul_left_layout(node: ir.Node, shape) -> Layout | str:
+    if constant_array(node.inputs[1]) is not None:
+        return "both operands are constants"
+    return _matrix("nk")(node, shape)
+
+
+def _gemm_b_layout(node: ir.Node, shape) -> Layout | str:
+    return _matrix("nk" if node.attributes.get_int("transB", 0) else "kn")(node, shape)
+
+
+def _gemm_a_layout(node: ir.Node, shape) -> Layout | str:
+    if constant_array(node.inputs[1]) is not None:
+        return "both operands are constants"
+    return _matrix("kn" if node.attributes.get_int("transA", 0) else "nk")(node, shape)
+
+
+def _gemm_x_for_b(node: ir.Node, layout: Layout) -> Activation:
+    return _input_rows(0, transpose_last=bool(node.attributes.get_int("transA", 0)))(node, layout)
+
+
+def _gemm_x_for_a(node: ir.Node, layout: Layout) -> Activation:
+    """Y = W·B: the rows of X are B's columns (B's rows when transB)."""
+    return _input_rows(1, transpose_last=not node.attributes.get_int("transB", 0))(node, layout)
+
+
+def _conv_layout(kind: str):
+    def layout(node: ir.Node, shape) -> Layout | str:
+        if len(shape) < 3:
+            return f"{len(shape)}-D convolution weight"
+        return Layout(kind, shape, groups=node.attributes.get_int("group", 1))
+    return layout
+
+
+def _patches(im2col: Callable[[np.ndarray, ir.Node], np.ndarray]):
+    """im2col of a Conv / ConvTranspose input (statistics.py); accumulators are shared only by
+    convolutions with the same kernel and attributes."""
+    def activation(node: ir.Node, layout: Layout) -> Activation:
+        attributes = ";".join(f"{name}={a.value}" for name, a in sorted(node.attributes.items()))
+        return Activation(node.inputs[0], f"{node.op_type}:{layout.shape[2:]}:{attributes}",
+                          lambda x: im2col(x, node))
+    return activation
+
+
+# ------------------------------------------------------------------------------ Einsum
+
+
+def _einsum_terms(node: ir.Node) -> tuple[list[str], str] | None:
+    equation = node.attributes.get_string("equation", "").replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "->" not in equation:  # implicit output: the labels seen once, in alphabetical order
+        letters = inputs.replace(",", "").replace(".", "")
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return (terms, output) if len(terms) == 2 else None
+
+
+def _einsum_axes(node: ir.Node, weight_index: int) -> tuple[str, str, str] | str:
+    """(weight term, output labels, reduction labels) or why the weight is not a plain matrix factor."""
+    parsed = _einsum_terms(node)
+    if parsed is None:
+        return "Einsum with other than two operands"
+    (first, second), output = parsed
+    term, other = (first, second) if weight_index == 0 else (second, first)
+    if "." in term or len(set(term)) != len(term):
+        return f"Einsum weight term {term!r} has an ellipsis or a repeated label"
+    out = "".join(c for c in term if c in output and c not in other)
+    k = "".join(c for c in term if c in other and c not in output)
+    batch = [c for c in term if c in other and c in output]
+    if batch:
+        return f"Einsum weight axis {batch[0]!r} is also a batch axis of {node.attributes.get_string('equation')!r}"
+    if len(out) + len(k) != len(term) or not out or not k:
+        return f"Einsum weight term {term!r} has no output or no reduction axis"
+    return term, out, k
+
+
+def _einsum_layout(weight_index: int):
+    def layout(node: ir.Node, shape) -> Layout | str:
+        axes = _einsum_axes(node, weight_index)
+        if isinstance(axes, str):
+            return axes
+        term, out, k = axes
+        if len(shape) != len(term):
+            return f"Einsum term {term!r} does not match the weight's rank {len(shape)}"
+        return Layout("einsum", shape, out_axes=tuple(term.index(c) for c in out), k_axes=tuple(term.index(c) for c in k))
+    return layout
+
+
+def _einsum_activation(weight_index: int):
+    def activation(node: ir.Node, layout: Layout) -> Activation | str:
+        (first, second), output = _einsum_terms(node)
+        term, other = (first, second) if weight_index == 0 else (second, first)
+        k = "".join(term[a] for a in layout.k_axes)
+        if any(c not in output and c not in term for c in other.replace(".", "")) or \
+                len(set(other.replace(".", ""))) != len(other.replace(".", "")):
+            return f"Einsum activation term {other!r} is summed or repeated on its own"
+
+        def rows(x: np.ndarray) -> np.ndarray:
+            head, ellipsis, tail = other.partition("...")
+            labels = list(head) + ["."] * (x.ndim - len(head) - len(tail) if ellipsis else 0) + list(tail)
+            reduced = [labels.index(c) for c in k]
+            kept = [i for i in range(x.ndim) if i not in reduced]
+            return x.transpose(kept + reduced).reshape(1, -1, layout.in_features)
+
+        return Activation(node.inputs[1 - weight_index], f"einsum:{other}:{k}", rows)
+    return activation
+
+
+# --------------------------------------------------------------------- recurrent (ONNX LSTM/GRU/RNN)
+
+
+def _recurrent_layout(node: ir.Node, shape) -> Layout | str:
+    return Layout("recurrent", shape) if len(shape) == 3 else f"{len(shape)}-D recurrent weight"
+
+
+def _sequence_rows(node: ir.Node, layout: Layout) -> Activation:
+    """W multiplies every step of the input sequence (both directions read the same X)."""
+    return Activation(node.inputs[0], "rows", _flat_rows)
+
+
+def _hidden_rows(node: ir.Node, layout: Layout) -> Activation | str:
+    """R multiplies the previous hidden state: the node's own output Y without its last step
+    (the initial state, zero unless given, is left out)."""
+    if node.attributes.get_string("direction", "forward") == "bidirectional":
+        return "recurrent weight R of a bidirectional layer: its hidden states differ per direction"
+    hidden = node.outputs[0]
+    if hidden is None or not hidden.name:
+        return "recurrent weight R: the layer does not output its hidden states Y"
+    batch_first = node.attributes.get_int("layout", 0) == 1  # Y [B, T, D, H] instead of [T, D, B, H]
+
+    def rows(y: np.ndarray) -> np.ndarray:
+        previous = y[:, :-1] if batch_first else y[:-1]
+        return previous.reshape(1, -1, y.shape[-1])
+
+    return Activation(hidden, f"previous_hidden:{int(batch_first)}", rows)
+
+
+# ------------------------------------------------------------------ onnxruntime contrib ops
+
+
+def _fused_matmul_layout(node: ir.Node, shape) -> Layout | str:
+    if node.attributes.get_int("transBatchA", 0) or node.attributes.get_int("transBatchB", 0):
+        return "FusedMatMul with transBatchA/transBatchB"
+    return _matrix("nk" if node.attributes.get_int("transB", 0) else "kn")(node, shape)
+
+
+def _fused_matmul_rows(node: ir.Node, layout: Layout) -> Activation:
+    return _input_rows(0, transpose_last=bool(node.attributes.get_int("transA", 0)))(node, layout)
+
+
+# ------------------------------------------------------------------ integer ops (own zero point)
+
+
+def _zero_point_step(zero_point_input: int, axis: int):
+    """The weight as the integer op reads it, minus its zero point (per tensor, or per output
+    channel along `axis`); written back as codes, a zeroed weight is the zero point."""
+    def step(node: ir.Node, shape, dtype) -> Step | str:
+        given = len(node.inputs) > zero_point_input and node.inputs[zero_point_input] is not None
+        zero_point = constant_array(node.inputs[zero_point_input]) if given else np.zeros((), dtype)
+        if zero_point is None:
+            return "the weight's zero point is computed"
+        zero = zero_point.astype(np.float64).reshape(() if zero_point.size == 1 else
+                                                    [-1 if i == axis % len(shape) else 1 for i in range(len(shape))])
+        return Step("zero_point", node, ("zero_point", zero_point.tobytes()), shape, np.dtype(np.float32),
+                    lambda x: (x.astype(np.float64) - zero).astype(np.float32), lambda y: to_dtype(y + zero, dtype))
+    return step
+
+
+def _integer_rows(zero_point_input: int, rows_of: Callable[[ir.Node, Layout], Activation | str]):
+    """The activation of an integer op, with its zero point subtracted (its scale is one factor
+    for all of K, which no method's choice depends on)."""
+    def activation(node: ir.Node, layout: Layout) -> Activation | str:
+        inner = rows_of(node, layout)
+        if isinstance(inner, str):
+            return inner
+        given = len(node.inputs) > zero_point_input and node.inputs[zero_point_input] is not None
+        zero_point = constant_array(node.inputs[zero_point_input]) if given else np.zeros(())
+        if zero_point is None or zero_point.size != 1:
+            return "the activation's zero point is computed or not per tensor"
+        offset = float(zero_point.reshape(()))
+        return Activation(inner.value, f"{inner.form}-{offset}", lambda x: inner.rows(x.astype(np.float32) - offset))
+    return activation
+
+
+RULES = [
+    WeightRule("MatMul", 1, _matrix("kn"), _input_rows(0), bias_after=True),
+    WeightRule("MatMul", 0, _matmul_left_layout, _input_rows(1, transpose_last=True)),  # Y = W @ X
+    WeightRule("Gemm", 1, _gemm_b_layout, _gemm_x_for_b, bias_input=2),
+    WeightRule("Gemm", 0, _gemm_a_layout, _gemm_x_for_a),
+    WeightRule("Conv", 1, _conv_layout("conv"), _patches(conv_rows), bias_input=2),
+    WeightRule("ConvTranspose", 1, _conv_layout("convT"), _patches(conv_transpose_rows), bias_input=2),
+    WeightRule("Einsum", 0, _einsum_layout(0), _einsum_activation(0)),
+    WeightRule("Einsum", 1, _einsum_layout(1), _einsum_activation(1)),
+    *(WeightRule(op, 1, _recurrent_layout, _sequence_rows) for op in ("LSTM", "GRU", "RNN")),
+    *(WeightRule(op, 2, _recurrent_layout, _hidden_rows) for op in ("LSTM", "GRU", "RNN")),
+    # onnxruntime's fused self-attention: one packed [hidden, q+k+v] weight, bias [q+k+v]
+    WeightRule("com.microsoft.Attention", 1, _matrix("kn"), _input_rows(0), bias_input=2),
+    WeightRule("com.microsoft.FusedMatMul", 1, _fused_matmul_layout, _fused_matmul_rows, bias_after=True),
+    WeightRule("MatMulInteger", 1, _matrix("kn"), _integer_rows(2, _input_rows(0)),
+               operand_step=_zero_point_step(3, axis=1)),
+    WeightRule("ConvInteger", 1, _conv_layout("conv"), _refused("calibration of ConvInteger is not supported"),
+               operand_step=_zero_point_step(3, axis=0)),
+    # weights held in forms no pass can rewrite yet: listed, with the reason
+    WeightRule("com.microsoft.MatMulNBits", 1, _refused(
+        "4-bit block-quantized weight (MatMulNBits): pruning inside packed blocks is not supported"), _refused("")),
+    WeightRule("QLinearMatMul", 3, _refused("QLinearMatMul weight: requantized ops are not pruned"), _refused("")),
+    WeightRule("QLinearConv", 3, _refused("QLinearConv weight: requantized ops are not pruned"), _refused("")),
+    WeightRule("com.microsoft.QAttention", 1, _refused("QAttention weight: quantized attention is not pruned"),
+               _refused("")),
+    *(WeightRule(f"com.microsoft.DynamicQuantize{op}", index, _refused(
+        f"DynamicQuantize{op} weight: quantized recurrent layers are not pruned"), _refused(""))
+      for op in ("LSTM",) for index in (1, 2)),
+]
+_BY_USE = {(rule.op, rule.weight_input): rule for rule in RULES}
