@@ -166,7 +166,8 @@ def _einsum_layout(weight_index: int):
         term, out, k = axes
         if len(shape) != len(term):
             return f"Einsum term {term!r} does not match the weight's rank {len(shape)}"
-        return Layout("einsum", shape, out_axes=tuple(term.index(c) for c in out), k_axes=tuple(term.index(c) for c in k))
+        return Layout("einsum", shape, out_axes=tuple(term.index(c) for c in out),
+                      k_axes=tuple(term.index(c) for c in k))
     return layout
 
 
