@@ -22,6 +22,9 @@ model at dense speed afterwards::
 TABLE and the small int64 constants are shared by all tensors. Indices are int32 (onnxruntime
 CPU runs CumSum, Gather and Mul on int32), so tensors of 2**31 elements or more stay dense.
 
+Quantized weights (`compress_quantized`): int8 / uint8 codes behind DequantizeLinear or
+MatMulInteger are encoded the same way; with symmetric quantization a pruned weight is code 0.
+
 Size: ``(1 - s) * dense + n / 8`` bytes, i.e. 53% of dense fp32 and 56% of dense fp16 at s = 50%.
 An N:M-specific layout would not be smaller for 2:4: two 2-bit positions per group of four take
 the same 4 bits as the group's four mask bits, so every pattern uses this one encoding.
@@ -40,6 +43,8 @@ from onnxprune.targets import FLOAT_TYPES, Target
 ENCODING = "bitmask"
 MIN_OPSET = 13
 MAX_ELEMENTS = 2**31 - 1  # int32 indices
+# Quantized weight codes (compress_quantized); 4-bit types pack two codes per byte and are left alone.
+INTEGER_TYPES = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16}
 _SHARED = "onnxprune.bitmask."  # prefix of the constants every decoder shares
 
 
@@ -65,20 +70,33 @@ def compress_weights(model: ir.Model, targets: list[Target] | None = None, min_s
     initializer of rank >= 2. A tensor is encoded when at least `min_sparsity` of it is zero and
     the encoding is smaller than the dense tensor. The model is changed in place.
     """
+    values = [t.value for t in targets] if targets is not None else _float_initializers(model.graph)
+    return _compress(model, values, min_sparsity, listed=targets is not None)
+
+
+def compress_quantized(model: ir.Model, min_sparsity: float = 0.3) -> dict:
+    """The same for quantized weights (int8 codes behind DequantizeLinear / MatMulInteger): with
+    symmetric quantization a pruned weight is code 0, whose bits the mask drops like +0.0's."""
+    from onnxprune.targets import discover_targets
+
+    values = [t.value for t in discover_targets(model) if t.stored_dtype in INTEGER_TYPES]
+    return _compress(model, values, min_sparsity, listed=True)
+
+
+def _compress(model: ir.Model, values: list[ir.Value], min_sparsity: float, listed: bool) -> dict:
     if not 0.0 <= min_sparsity <= 1.0:
         raise UserError(f"min_sparsity must be in [0, 1], got {min_sparsity:g}")
     graph = model.graph
     opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
         raise UserError(f"compressed storage needs opset >= {MIN_OPSET}; this model imports opset {opset}")
-    values = [t.value for t in targets] if targets is not None else _float_initializers(graph)
     encoder = _Encoder(graph)
     encoded, skipped = [], []
     for value in dict.fromkeys(values):  # a weight listed twice is encoded once
         reason, record = encoder.encode(value, min_sparsity)
         if record is not None:
             encoded.append(record)
-        elif targets is not None or reason != "dense":
+        elif listed or reason != "dense":
             skipped.append({"name": value.name, "reason": reason})
     encoder.insert_nodes()
     if encoded:
@@ -147,8 +165,8 @@ class _Encoder:
         tensor = value.const_value
         if tensor is None or not value.is_initializer():
             return "not an initializer"
-        if tensor.dtype not in FLOAT_TYPES:
-            return f"dtype {tensor.dtype.name} is not a float type"
+        if tensor.dtype not in FLOAT_TYPES and tensor.dtype not in INTEGER_TYPES:
+            return f"dtype {tensor.dtype.name} is neither a float nor an 8/16-bit integer type"
         if value.is_graph_input():
             return "also a graph input (an overridable initializer)"
         size = tensor.size

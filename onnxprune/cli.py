@@ -18,7 +18,7 @@ from rich.table import Table
 
 from onnxprune import __version__, console
 from onnxprune.console import detail, emit_json, info, note, warn
-from onnxprune.errors import UserError, first_line, os_user_error
+from onnxprune.errors import CheckFailed, UserError, first_line, os_user_error
 from onnxprune.validate import check_writable, check_writable_dir
 
 try:  # typer >= 0.20 parses with its own copy of click, whose exceptions are not click's
@@ -387,6 +387,88 @@ def _bench_on_ray(path: Path, baseline: Path | None, options, address: str, node
         info("wrote " + ", ".join(map(str, write_cluster_bench(cluster, output))))
 
 
+@command(examples="""
+onnxprune verify pruned.onnx --pattern 2:4
+onnxprune verify pruned-int8.onnx --pattern 2:4 --after ort-opt,fp16,quantize,int4,onnxslim
+onnxprune verify pruned.onnx --pattern 2:4 --include 'layers\\.' --json
+""")
+def verify(
+    model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="N:M pattern the pruned layers must hold, e.g. 2:4."),
+    after: str = typer.Option("", "--after", help="Comma-separated steps to re-check after: ort-opt, fp16, quantize, int4, onnxslim."),
+    include: Optional[str] = typer.Option(None, "--include", help="Regex: exactly these layers must hold the pattern."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: these layers need not hold it."),
+) -> None:
+    """Re-check MODEL's sparsity and N:M pattern per layer (quantized weights in the quantized
+    domain), and whether they survive onnxruntime's optimizations, fp16, quantization, onnxslim.
+    Exit code 3 when a pattern, a zero or a layer is lost."""
+    from onnxprune.patterns import parse_pattern
+    from onnxprune.verification import verify_model
+
+    if pattern is not None and ":" not in pattern:
+        raise UserError(f"--pattern must be N:M such as 2:4 (verify checks N:M patterns), got {pattern!r}")
+    spec = parse_pattern(pattern, None) if pattern else None
+    result = verify_model(_existing_model(model), spec, _split(after), include, exclude)
+    emit_json(result)
+    for step in result["steps"]:
+        totals = step["totals"]
+        held = f", {totals['pattern_valid']} hold {result['pattern']}" if result["pattern"] else ""
+        console.result(f"{step['step']}: {'ok' if step['ok'] else 'FAILED'} - {totals['layers']} layers{held}, "
+                       f"{totals['required']} required; sparsity {totals['sparsity']:.2%}")
+        for problem in step["problems"]:
+            console.result(f"  {problem}")
+        for row in step["layers"]:
+            detail(f"  {row['name']} ({row['op']}, {row['storage']}): sparsity {row['sparsity']:.4f}"
+                   + ("" if row["pattern_valid"] is None else f", {result['pattern']} {'ok' if row['pattern_valid'] else 'broken'}"))
+    if not result["ok"]:
+        problems = [f"{s['step']}: {p}" for s in result["steps"] for p in s["problems"]]
+        raise CheckFailed(problems[0] + (f" (+{len(problems) - 1} more on stdout)" if len(problems) > 1 else ""))
+
+
+@command(examples="""
+onnxprune quantize pruned.onnx -o pruned-int8.onnx --calib calib.npz
+onnxprune quantize pruned.onnx -o pruned-int8.onnx --mode int8-dynamic --compressed
+onnxprune quantize pruned-llm.onnx -o pruned-int4.onnx --mode int4 --block-size 128 --report q.json
+""")
+def quantize(
+    model: Path = typer.Argument(..., help="ONNX model (pruned, or not)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Quantized .onnx to write."),
+    mode: str = typer.Option("int8-static", "--mode", help="int8-static (QDQ, calibrated), int8-dynamic, or int4 (MatMulNBits)."),
+    calib: Optional[str] = CALIB_OPTION,
+    nsamples: int = NSAMPLES_OPTION,
+    seqlen: int = SEQLEN_OPTION,
+    tokenizer: Optional[Path] = TOKENIZER_OPTION,
+    block_size: int = typer.Option(128, "--block-size", help="int4: weights per quantization block."),
+    compressed: bool = typer.Option(False, "--compressed", help="Store int8 weights as bitmask + non-zeros."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the quantization report (JSON) here."),
+) -> None:
+    """Quantize with onnxruntime's quantizer, weights symmetric so pruned weights stay zero
+    (read back and checked: exit code 3 if a zero is lost)."""
+    from onnxprune.atomic import write_text_atomic
+    from onnxprune.model_io import check_output_path, load_model, save_model
+    from onnxprune.pipeline import CalibrationSource, StageTimer
+    from onnxprune.quantization import QuantizeOptions, check_options, quantize_model
+    from onnxprune.samples import CalibrationOptions
+
+    options = QuantizeOptions(mode, block_size=block_size, compressed=compressed)
+    check_options(options)
+    path = _existing_model(model)
+    out = check_output_path(path, output)
+    loaded = load_model(path)
+    samples = None
+    if mode == "int8-static":
+        calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer))
+        samples = CalibrationSource(path, loaded, calibration, StageTimer()).samples()
+    quantized, result = quantize_model(loaded, options, samples)
+    save_model(quantized, out)
+    result["output"] = str(out)
+    if report:
+        write_text_atomic(report, json.dumps(result, indent=2) + "\n")
+    emit_json(result)
+    console.result(f"wrote {out}: {mode}, {result['quantized_layers']} quantized weights, all "
+                   f"{result['zeros_before']:,} pruned zeros kept" + (f"; {result['pattern']} holds in "
+                   f"{result['pattern_layers_after']} layers" if result["pattern"] else ""))
+
 def _split(values: str) -> list[str]:
     return [v.strip() for v in values.split(",") if v.strip()]
 
@@ -522,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 2)
     except Terminated as exc:  # staging was removed on the way out (atomic.py)
         _fail(f"stopped by {exc.signal_name}; nothing half-written was left behind", 128 + exc.signal_number)
+    except CheckFailed as exc:  # a requested check did not pass (verify, quantization keeping zeros)
+        _fail(str(exc), exc.exit_code)
     except _USAGE_ERRORS as exc:
         _fail(exc.format_message().splitlines()[0], 2)
     except _CLICK_ERRORS as exc:

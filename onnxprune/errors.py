@@ -38,3 +38,9 @@ def os_user_error(exc: OSError, path=None) -> UserError | None:
     where = exc.filename or path
     reason = exc.strerror or first_line(exc)
     return UserError(f"{where}: {reason}; {fix}" if where else f"{reason}; {fix}")
+
+
+class CheckFailed(Exception):
+    """A check the user asked for did not pass (`verify`, sparsity kept by quantization): CLI exit code 3."""
+
+    exit_code = 3

@@ -11,7 +11,7 @@ from onnxprune.errors import UserError, first_line
 
 # Top-level module -> the pyproject extra that installs it.
 EXTRA_OF = {"torch": "torch", "transformers": "hf", "tokenizers": "hf", "optimum": "hf", "datasets": "calib",
-            "matplotlib": "plot", "ray": "ray"}
+            "matplotlib": "plot", "ray": "ray", "onnxslim": "slim"}
 
 
 class MissingExtra(UserError):

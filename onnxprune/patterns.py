@@ -98,11 +98,14 @@ def select_lowest(scores: np.ndarray, pattern: Pattern, per_output: bool) -> np.
 
 def nm_valid(weight: np.ndarray, n: int, m: int) -> bool:
     """True when every group of M consecutive weights along K holds at least N zeros."""
+    return weight.shape[1] % m == 0 and nm_broken_groups(weight, n, m) == 0
+
+
+def nm_broken_groups(weight: np.ndarray, n: int, m: int) -> int:
+    """How many groups of M consecutive weights along K hold fewer than N zeros (K divisible by M)."""
     out, k = weight.shape
-    if k % m:
-        return False
     zeros = (weight.reshape(out, k // m, m) == 0).sum(axis=-1)
-    return bool((zeros >= n).all())
+    return int((zeros < n).sum())
 
 
 def sparsity_of(weight: np.ndarray) -> float:
