@@ -60,6 +60,7 @@ def assign_blocks(graph: ir.Graph, targets: list[Target]) -> None:
         target.block = block_from_name(target.node_name) or block_from_name(target.name)
     if not any(t.block for t in targets):
         _assign_by_residual_joins(graph, targets)
+    _assign_fused_nodes(targets)
     order, _ = node_positions(graph)
     first_seen: dict[str, int] = {}
     for target in targets:
@@ -69,6 +70,17 @@ def assign_blocks(graph: ir.Graph, targets: list[Target]) -> None:
     rank = {block: index for index, block in enumerate(sorted(first_seen, key=first_seen.get))}
     for target in targets:
         target.block_index = rank.get(target.block)
+
+
+def _assign_fused_nodes(targets: list[Target]) -> None:
+    """Nodes that graph optimizers fuse lose the exporter's module path (onnxruntime's fused
+    `Attention_0`): such a node belongs to the block of the next weight in execution order
+    (`targets` are sorted), as a block's attention comes before the rest of the block."""
+    following = None
+    for target in reversed(targets):
+        if target.block is None and following is not None and "/" not in target.node_name:
+            target.block = following
+        following = target.block if target.block is not None else following
 
 
 def _assign_by_residual_joins(graph: ir.Graph, targets: list[Target]) -> None:

@@ -157,3 +157,158 @@ def test_unsupported_forms_are_listed_with_the_reason(tmp_path):
     assert any("4-bit" in note for note in report["notes"])
     inspected = cli("inspect", source, "--json").ok()
     assert [u["name"] for u in json.loads(inspected.out)["unsupported"]] == ["Bq"]
+
+
+# ------------------------------------------------------------------ tiny optimum exports
+
+def _lm_configs():
+    from transformers import (DistilBertConfig, GemmaConfig, GPTNeoXConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              RobertaConfig)
+
+    from conftest import VOCAB, _hf_configs
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                  hidden_size=32, intermediate_size=64)
+    configs = {arch: (cls, config) for arch, (cls, config, _, _) in _hf_configs().items()}
+    return {**configs,
+            "mistral": ("AutoModelForCausalLM", MistralConfig(num_key_value_heads=2, **common)),  # GQA
+            "qwen2": ("AutoModelForCausalLM", Qwen2Config(num_key_value_heads=2, **common)),  # GQA, q/k/v biases
+            "phi3": ("AutoModelForCausalLM", Phi3Config(pad_token_id=0, **common)),  # fused qkv_proj, gate_up_proj
+            "gemma": ("AutoModelForCausalLM", GemmaConfig(num_key_value_heads=2, head_dim=8, **common)),
+            "gpt-neox": ("AutoModelForCausalLM", GPTNeoXConfig(**common)),
+            "roberta": ("AutoModel", RobertaConfig(**{**common, "max_position_embeddings": 66})),
+            "distilbert": ("AutoModel", DistilBertConfig(vocab_size=VOCAB, n_layers=2, n_heads=4, dim=32,
+                                                         hidden_dim=64, max_position_embeddings=64))}
+
+
+LM_ROWS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt-neox", "opt", "bert", "roberta", "distilbert",
+           "llama-with-past", "llama-merged-decoder", "llama-fp16", "bert-ort-optimized"]
+
+
+@pytest.fixture(scope="session")
+def lm_export(tmp_path_factory):
+    """`lm_export(row)`: the row's tiny random model exported (and transformed) once per session."""
+    cache: dict[str, object] = {}
+
+    def get(row: str):
+        if row not in cache:
+            cache[row] = _export_row(row, tmp_path_factory)
+        return cache[row]
+
+    return get
+
+
+def _export_row(row: str, tmp_path_factory):
+    import warnings
+
+    import torch
+    import transformers
+
+    from onnxprune.exporters.hf import export_hf
+
+    arch = row.split("-with-past")[0].split("-merged")[0].split("-fp16")[0].split("-ort")[0]
+    root = tmp_path_factory.mktemp(f"lm-{row}")
+    model_cls, config = _lm_configs()[arch]
+    if isinstance(model_cls, str):
+        model_cls = getattr(transformers, model_cls)
+        build = model_cls.from_config
+    else:
+        build = model_cls
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build(config).eval().save_pretrained(root / "hf")
+        dtype = "fp16" if row.endswith("fp16") else "fp32"
+        path = export_hf(str(root / "hf"), root / "onnx", with_past="past" in row or "merged" in row, dtype=dtype)
+    if row.endswith("merged-decoder"):  # optimum's merged form: an If on use_cache_branch, branches share weights
+        from optimum.onnx import merge_decoders
+
+        merged = root / "merged.onnx"
+        merge_decoders(str(path), str(path), save_path=str(merged), strict=False)
+        path = merged
+    if row.endswith("ort-optimized"):  # onnxruntime's transformers optimizer: fused Attention, SkipLayerNorm, ...
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        optimized = root / "optimized.onnx"
+        optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=config.hidden_size).save_model_to_file(
+            str(optimized))
+        path = optimized
+    return path
+
+
+def _lm_feeds(path, samples: int) -> dict[str, np.ndarray]:
+    """Stacked feeds (first axis = samples, each one batch of 8 tokens after 3 cached ones)."""
+    rng = np.random.default_rng(0)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sizes = {"sequence_length": 8, "past_sequence_length": 3, "past_sequence_length + sequence_length": 11}
+    feeds = {}
+    for arg in session.get_inputs():
+        shape = [samples] + [d if isinstance(d, int) else sizes.get(d, 8) for d in arg.shape[1:]]
+        if arg.name == "use_cache_branch":
+            feeds[arg.name] = np.ones([samples], bool)
+        elif arg.name == "position_ids":
+            feeds[arg.name] = np.tile(np.arange(shape[-1]) + (3 if "past" in str(session.get_inputs()) else 0),
+                                      (samples, 1)).astype(np.int64)
+        elif arg.type == "tensor(int64)" and "mask" in arg.name:
+            feeds[arg.name] = np.ones(shape, np.int64)
+        elif arg.type in ("tensor(int64)", "tensor(int32)"):
+            high = 2 if "type" in arg.name else 100
+            feeds[arg.name] = rng.integers(0, high, size=shape).astype(np.int64 if "64" in arg.type else np.int32)
+        else:
+            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _block_linear_params(path) -> int:
+    """Independent count: parameters of the rank-2 float initializers that block nodes (named
+    /…/layers.N/… or /…/h.N/…, or onnxruntime's fused Attention) multiply, directly or through
+    Transpose/Cast/Identity."""
+    import re
+
+    model = onnx.load(str(path))
+    graphs, stack = [], [model.graph]
+    while stack:
+        graph = stack.pop()
+        graphs.append(graph)
+        stack += [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    arrays = {i.name: i for g in graphs for i in g.initializer}
+    producer = {o: n for g in graphs for n in g.node for o in n.output}
+    block = re.compile(r"[/.](layers|layer|h)[._]\d+[/._]")
+    counted = set()
+    linear = {"MatMul", "Gemm", "FusedMatMul", "Attention"}
+    for node in (n for g in graphs for n in g.node):
+        if node.op_type not in linear or not (block.search(node.name) or node.op_type == "Attention"):
+            continue
+        for name in node.input[:2]:
+            while name in producer and producer[name].op_type in ("Transpose", "Cast", "Identity"):
+                name = producer[name].input[0]
+            if name in arrays and len(arrays[name].dims) == 2 and name not in counted:
+                counted.add(name)
+    return sum(int(np.prod(arrays[n].dims)) for n in counted)
+
+
+@pytest.mark.parametrize("row", LM_ROWS)
+def test_lm_export_forms(tmp_path, lm_export, row):
+    source = lm_export(row)
+    discovery = discover(load_model(source))
+    in_blocks = sum(t.layout.out_features * t.layout.in_features for t in discovery.targets if t.block is not None)
+    assert in_blocks == _block_linear_params(source) > 0  # every block weight found
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **_lm_feeds(source, 2))
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    sample = {k: v[:1] for k, v in _lm_feeds(source, 1).items()}
+    dense = session.run(None, sample)
+    for method in ["magnitude", *CALIBRATED]:
+        out = tmp_path / f"{method}.onnx"
+        args = ["apply", source, "-m", method, "-s", "0.5", "-o", out, "--report", out.with_suffix(".json")]
+        result = cli(*args, *(["--calib", calib, "--nsamples", 2] if method in CALIBRATED else []))
+        if result.code == 2:  # only a merged decoder's calibrated methods: every weight is read inside the If
+            assert row.endswith("merged-decoder") and method in CALIBRATED and "subgraph" in result.err, result.err
+            continue
+        result.ok()
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert report["targets"] and all(s["reason"] for s in report["skipped"])
+        outputs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, sample)
+        assert [o.shape for o in outputs] == [d.shape for d in dense]
+        assert all(np.isfinite(o).all() for o in outputs)
