@@ -104,7 +104,7 @@ onnxprune -q apply model.onnx -m magnitude -s 0.5 -o pruned.onnx --json > report
 """)
 def apply(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
-    method: str = typer.Option("magnitude", "--method", "-m", help="Pruning method; `onnxprune methods` lists them."),
+method: Optional[str] = typer.Option(None, "--method", "-m", help="Pruning method (default: magnitude; l1 for structured); `onnxprune methods` lists them."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights to zero, in [0, 1)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="'unstructured' (default), N:M, e.g. 2:4 = 2 zeros in every 4 along K, or 'structured' (remove whole neurons/heads/channels: l1, wanda, mama)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .onnx (default: beside the input)."),
@@ -135,7 +135,9 @@ def apply(
     from onnxprune.samples import CalibrationOptions
 
     spec = parse_pattern(default_pattern(target, pattern, sparsity), sparsity)
+    method = method or ("l1" if spec.structured else "magnitude")
     output = output or _default_output(model, method, spec.label, spec.sparsity)
+    replaced = [str(path) for path in (output, report) if path is not None and Path(path).exists()]
     calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer), seed, not one_shot,
                                      _optional_str(stats))
     if allocation not in ("uniform", "owl"):
@@ -171,7 +173,7 @@ def apply(
                        f"{result.sparsity:g}): {totals['zeros']:,} of {totals['params']:,} are zero "
                        f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
     info(f"wrote {result.output}" + (f" and {report}" if report else "")
-         + f" in {result.timings_s['total']:.2f} s")
+         + f" in {result.timings_s['total']:.2f} s" + (f" (replaced the existing {', '.join(replaced)})" if replaced else ""))
 
 
 @command(examples="""

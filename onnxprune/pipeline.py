@@ -26,8 +26,8 @@ from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibra
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
 from onnxprune.targets import Discovery, Target, add_bias, discover, select_targets, untouched_weights
-from onnxprune.validate import (check_samples, check_statistics, check_weights_finite, check_writable,
-                                constant_warning)
+from onnxprune.validate import (check_options, check_samples, check_statistics, check_weights_finite,
+                                check_writable, constant_warning)
 
 
 @dataclass
@@ -165,6 +165,7 @@ def save_pruned(model: ir.Model, report, output: str | Path, external_data: bool
 
 def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationSource, timer: StageTimer) -> Report:
     method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
+    check_options(options, method.name, method.needs, method.takes_new_bias)
     with timer.stage("discover"):
         discovery = discover(model)
         selected = select_targets(discovery.targets, options.include, options.exclude)

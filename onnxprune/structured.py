@@ -550,10 +550,14 @@ def prune_structured(model: ir.Model, options, samples, timer) -> StructuredRepo
     """`--pattern structured` (through `pipeline.prune_model`): plan, calibrate (one-shot, the
     consumers' inputs) when the method needs statistics, prune `model` in place."""
     from onnxprune.calibration import calibrate
-    from onnxprune.validate import check_statistics, check_weights_finite, constant_warning
+    from onnxprune.validate import check_options, check_statistics, check_weights_finite, constant_warning
 
     method = structured_method(options.method)
     needs = METHOD_NEEDS[method]
+    check_options(options, method, needs, takes_new_bias=method == "mama")
+    if options.data_free or options.allocation != "uniform":
+        flag = "--data-free" if options.data_free else f"--allocation {options.allocation}"
+        raise UserError(f"{flag} is for per-weight pruning; structured {method} would ignore it: drop it")
     with timer.stage("discover"):
         plan = StructuredPlan(model, KINDS, options.include, options.exclude)
     if not any(g.prunable for g in plan.groups):
@@ -573,6 +577,9 @@ def prune_structured(model: ir.Model, options, samples, timer) -> StructuredRepo
         report = plan.prune(options.pattern.sparsity, method, stats, options.add_bias)
     report.notes += constant_warning(constant, method)
     report.seed = options.seed
+    if options.method in ALIASES:
+        report.notes.append(f"structured pruning ranks whole channels: -m {options.method} runs as "
+                            f"{ALIASES[options.method]} (each channel's weight norm)")
     if not report.pruned:
         raise UserError(f"no channel group could be pruned: {report.refused[0].reason}")
     return report

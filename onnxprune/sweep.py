@@ -157,6 +157,8 @@ def run_cell(model_path: Path, config: SweepConfig, method: str, label: str, tok
             pruned_path = models_dir / f"{method}-{label.replace(':', 'of')}.onnx"
             calibration = CalibrationOptions(shared.get("calib"), config.nsamples, config.seqlen, config.tokenizer,
                                              config.seed, not config.one_shot, shared.get("stats"))
+            if not available()[method].needs:  # data-free: the shared data is not for it (and would be refused)
+                calibration = CalibrationOptions(seed=config.seed)
             report = apply(model_path, pruned_path, PruneOptions(method, pattern, seed=config.seed,
                                                                  calibration=calibration))
             timings = report.timings_s

@@ -118,3 +118,18 @@ def constant_warning(layers: list[str], method: str) -> list[str]:
     shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
     return [f"warning: the calibration activations are the same for every token at {shown} (constant data?): "
             f"{method} chose from what is in effect a single input"]
+
+
+def check_options(options, method: str, needs: frozenset[str], takes_new_bias: bool) -> None:
+    """Options the chosen method would silently ignore are refused, naming what to drop."""
+    calib = options.calibration
+    if not needs and options.allocation == "uniform":
+        given = [flag for flag, used in (("--calib", calib.source), ("--stats", calib.stats_file),
+                                         ("--one-shot", not calib.sequential), ("--tokenizer", calib.tokenizer))
+                 if used]
+        if given:
+            raise UserError(f"{method} uses no calibration data: drop {', '.join(given)} (wanda, sparsegpt and mama "
+                            "use it)")
+    if options.add_bias and not takes_new_bias:
+        raise UserError(f"--add-bias is for mama (a new bias takes the removed weights' mean); {method} would ignore "
+                        "it: drop it or use -m mama")

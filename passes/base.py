@@ -45,6 +45,7 @@ class PruningPass(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics required
+    takes_new_bias: ClassVar[bool] = False  # may give a bias-less layer a bias when asked (--add-bias)
 
     @abstractmethod
     def prune(self, layer: Layer, pattern: Pattern) -> Pruned: ...

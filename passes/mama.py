@@ -38,6 +38,7 @@ class Mama(Wanda):
     name = "mama"
     summary = "Wanda mask; pruned weights' output moved onto correlated kept inputs, mean into the bias (MAMA)"
     needs = frozenset({"sq_sum", "gram", "sum", "tokens"})
+    takes_new_bias = True
     damp = 0.01  # λ relative to mean(diag C); see `move`
     tol = 1e-6  # CG stops when every row's residual is below tol·‖rhs‖
     max_iter = 300  # ~20-50 are needed on heavy-tailed, correlated inputs

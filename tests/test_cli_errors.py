@@ -28,6 +28,15 @@ CASES = {
     "no sparsity at all": ("model", [], "--sparsity"),
     "unknown option": ("model", ["--bogus", *GOOD], "--bogus"),
     "sparsity not a number": ("model", ["--sparsity", "half"], "--sparsity"),
+    # options the method would silently ignore
+    "calib with a data-free method": ("model", ["--calib", "wikitext2", *GOOD], "magnitude uses no calibration data: drop --calib"),
+    "one-shot with a data-free method": ("model", ["--one-shot", *GOOD], "drop --one-shot"),
+    "stats with a data-free method": ("model", ["--stats", "s.npz", "-m", "random", *GOOD], "random uses no calibration data"),
+    "add-bias without mama": ("model", ["--add-bias", "-m", "wanda", "--calib", "x.npz", *GOOD], "--add-bias is for mama"),
+    "add-bias structured l1": ("model", ["--add-bias", "-p", "structured", *GOOD], "--add-bias is for mama"),
+    "data-free structured": ("model", ["--data-free", "-p", "structured", *GOOD], "--data-free is for per-weight"),
+    "owl structured": ("model", ["--allocation", "owl", "-p", "structured", "-m", "wanda", "--calib", "x.npz", *GOOD],
+                       "--allocation owl is for per-weight"),
 }
 
 
@@ -82,3 +91,19 @@ def test_output_equal_to_input_directory_form(tmp_path):
 @pytest.mark.parametrize("args", [["apply"], ["inspect"], ["no-such-command"]], ids=" ".join)
 def test_usage_errors(args):
     assert_user_error(cli(*args))
+
+
+def test_structured_magnitude_is_l1_with_a_note(tmp_path):
+    source = make_input("model", tmp_path)
+    explicit = cli("apply", source, "--target", "cpu", "-m", "magnitude", *GOOD, "-o", tmp_path / "a.onnx").ok()
+    assert "note: structured pruning ranks whole channels: -m magnitude runs as l1" in explicit.err
+    default = cli("apply", source, "--target", "cpu", *GOOD, "-o", tmp_path / "b.onnx").ok()
+    assert "note:" not in default.err and "structured l1" in default.out
+
+
+def test_replacing_an_existing_output_says_so(tmp_path):
+    source = make_input("model", tmp_path)
+    first = cli("apply", source, *GOOD, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json").ok()
+    assert "replaced" not in first.out
+    again = cli("apply", source, *GOOD, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json").ok()
+    assert f"(replaced the existing {tmp_path / 'out.onnx'}, {tmp_path / 'r.json'})" in again.out.replace("\n", "")
