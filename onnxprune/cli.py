@@ -174,6 +174,8 @@ method: Optional[str] = typer.Option(None, "--method", "-m", help="Pruning metho
                        f"({totals['sparsity']:.2%}); {len(result.skipped)} left dense")
     info(f"wrote {result.output}" + (f" and {report}" if report else "")
          + f" in {result.timings_s['total']:.2f} s" + (f" (replaced the existing {', '.join(replaced)})" if replaced else ""))
+    if result.companions:
+        info(f"copied {', '.join(result.companions)} beside it (eval and generate find them there)")
 
 
 @command(examples="""

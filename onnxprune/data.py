@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune.companions import recorded_source
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import require
 from onnxprune.model_io import resolve_model_path
@@ -46,7 +47,10 @@ def load_tokenizer(model_path: str | os.PathLike | None, tokenizer_dir: str | os
             raise UserError(f"tokenizer directory not found: {directory}")
     else:
         directory = resolve_model_path(model_path).parent
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        if not _has_tokenizer(directory):  # the .onnx moved on alone: try where its tokenizer came from
+            recorded = recorded_source(resolve_model_path(model_path))
+            directory = recorded if recorded is not None and _has_tokenizer(recorded) else directory
+    if not _has_tokenizer(directory):
         where = f"in {directory}" if tokenizer_dir is not None else f"beside the model in {directory}"
         raise UserError(f"no tokenizer {where}; pass --tokenizer DIR (a directory with tokenizer.json "
                         "or tokenizer_config.json, e.g. the Hugging Face model's directory)")
@@ -55,6 +59,10 @@ def load_tokenizer(model_path: str | os.PathLike | None, tokenizer_dir: str | os
         return transformers.AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer in {directory}: {first_line(exc)}") from None
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:

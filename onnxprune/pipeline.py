@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.allocation import outlier_ratio, owl_sparsities
 from onnxprune.calibration import calibrate, group_by_block
+from onnxprune.companions import SOURCE_KEY, carry_companions, companion_source
 from onnxprune.emit import check_target, emit
 from onnxprune.errors import UserError
 from onnxprune.model_io import (check_output_path, external_data_file, load_model, resolve_model_path,
@@ -76,6 +77,7 @@ class Report:
     emit: dict = field(default_factory=dict)  # what the hardware emitter did (onnxprune.emit)
     notes: list[str] = field(default_factory=list)  # advice for the user
     calibration: dict = field(default_factory=dict)  # the data used and its hash (samples.calibration_record)
+    companions: list[str] = field(default_factory=list)  # tokenizer / config files copied beside the output
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -154,9 +156,15 @@ def prune_model(model: ir.Model, options: PruneOptions, samples: CalibrationSour
 
 
 def save_pruned(model: ir.Model, report, output: str | Path, external_data: bool | None = None) -> Path:
-    """The saving step of `apply` (and of `PruneResult.save`): atomic, its time added to the report's."""
+    """The saving step of `apply` (and of `PruneResult.save`): atomic, its time added to the report's;
+    the input's tokenizer and config files are copied beside the output (onnxprune.companions)."""
     start = time.perf_counter()
+    source = companion_source(report.input if Path(report.input).is_file() else None,
+                              report.calibration.get("tokenizer"))
+    if source is not None:
+        model.metadata_props[SOURCE_KEY] = str(source)
     path = save_model(model, output, external_data)
+    report.companions = carry_companions(source, path.parent)
     seconds = {stage: value for stage, value in report.timings_s.items() if stage != "total"}
     seconds["save"] = round(seconds.get("save", 0.0) + time.perf_counter() - start, 6)
     report.output, report.timings_s = str(path), {**seconds, "total": round(sum(seconds.values()), 6)}

@@ -85,6 +85,7 @@ class StructuredReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # advice for the user (none yet for this path)
     calibration: dict = field(default_factory=dict)  # the data used and its hash (samples.calibration_record)
+    companions: list[str] = field(default_factory=list)  # tokenizer / config files copied beside the output
 
     @property
     def pruned(self) -> list[GroupRecord]:
