@@ -55,5 +55,7 @@ def carry_companions(source: Path | None, output_dir: str | os.PathLike) -> list
 
 def recorded_source(model_path: Path) -> Path | None:
     """The companions' folder recorded in the model's metadata_props, if it still exists."""
+    if not model_path.is_file():
+        return None
     recorded = load_model(model_path).metadata_props.get(SOURCE_KEY)
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
