@@ -7,8 +7,11 @@ one full-sequence graph, and a cache adds inputs every later stage would have to
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
+from onnxprune.atomic import staging_dir
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import require
 
@@ -58,14 +61,22 @@ def export_hf(model: str, out_dir: str | Path, task: str = "auto", with_past: bo
     task = infer_task(model) if task == "auto" else task
     if with_past and not task.endswith("-with-past"):
         task += "-with-past"
-    try:
-        onnx_exporter.main_export(model_name_or_path=model, output=out_dir, task=task, opset=opset, dtype=dtype,
-                    do_validation=validate)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"export of {model} failed: {first_line(exc)}") from None
+    with staging_dir(out_dir) as staging:  # a failed export leaves no partial folder behind
+        try:
+            onnx_exporter.main_export(model_name_or_path=model, output=staging, task=task, opset=opset, dtype=dtype,
+                                      do_validation=validate)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            hint = "; try --dtype fp16 or fp32" if dtype != "fp32" else ""
+            raise UserError(f"export of {model} with --dtype {dtype} failed: {first_line(exc)}{hint}") from None
+        if not list(staging.glob("*.onnx")):
+            raise UserError(f"export of {model} produced no .onnx file")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for entry in staging.iterdir():
+            target = out_dir / entry.name
+            if entry.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
     onnx_files = sorted(out_dir.glob("*.onnx"))
-    if not onnx_files:
-        raise UserError(f"export of {model} produced no .onnx file in {out_dir}")
     main = out_dir / "model.onnx"
     return main if main in onnx_files else onnx_files[0]
 

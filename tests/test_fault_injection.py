@@ -307,3 +307,19 @@ def test_staging_of_a_live_run_is_kept(tmp_path):
     unrelated.write_text("not ours")
     assert atomic.remove_stale_staging(out) == [abandoned]
     assert mine.exists() and other_host.exists() and unrelated.exists()
+
+
+def test_failed_export_leaves_no_partial_folder(hf_model, tmp_path, monkeypatch):
+    """`export --dtype bf16` used to fail after writing config files into the output folder."""
+    import optimum.exporters.onnx as onnx_exporter
+
+    source = hf_model("llama").hf_dir  # built (and exported) before the exporter is broken
+
+    def failing_export(output, **kwargs):
+        (Path(output) / "config.json").write_text("{}")  # what optimum writes before the graph
+        raise RuntimeError("ScalarType ComplexDouble is an unexpected tensor scalar type")
+
+    monkeypatch.setattr(onnx_exporter, "main_export", failing_export)
+    line = assert_user_error(cli("export", source, tmp_path / "out", "--dtype", "bf16"))
+    assert "--dtype bf16 failed" in line and "try --dtype fp16 or fp32" in line
+    assert list(tmp_path.iterdir()) == [], "a partial export folder was left behind"
