@@ -54,11 +54,13 @@ def attribute_subgraphs(attribute) -> list[ir.Graph]:
     return []
 
 
-def assign_blocks(graph: ir.Graph, targets: list[Target]) -> None:
-    """Set `block` and `block_index` (execution order) on every target."""
+def assign_blocks(graph: ir.Graph, targets: list[Target]) -> bool:
+    """Set `block` and `block_index` (execution order) on every target; True when the blocks
+    come from the exporter's names (a transformer), False when from topology or absent."""
     for target in targets:
         target.block = block_from_name(target.node_name) or block_from_name(target.name)
-    if not any(t.block for t in targets):
+    named = any(t.block for t in targets)
+    if not named:
         _assign_by_residual_joins(graph, targets)
     _assign_fused_nodes(targets)
     order, _ = node_positions(graph)
@@ -70,6 +72,7 @@ def assign_blocks(graph: ir.Graph, targets: list[Target]) -> None:
     rank = {block: index for index, block in enumerate(sorted(first_seen, key=first_seen.get))}
     for target in targets:
         target.block_index = rank.get(target.block)
+    return named
 
 
 def _assign_fused_nodes(targets: list[Target]) -> None:

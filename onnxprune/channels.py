@@ -26,8 +26,9 @@ to consumers, backward to producers):
 - activation x activation MatMul (attention scores, probabilities x V) keeps a head axis that is a
   batch axis of both operands; a contracted channel axis is refused;
 - a MatMul/Gemm/Conv whose weight is a target ends the walk: its output side makes it a producer
-  (output rows), its input side a consumer (input columns). Depthwise Conv and BatchNormalization
-  pass the channel through with per-channel parameters;
+  (output rows), its input side a consumer (input columns). Grouped and depthwise Conv pass the
+  channel through (a unit is a whole number of groups: its input channels, filters and outputs go
+  together and `group` shrinks with them), BatchNormalization with per-channel parameters;
 - normalisations and reductions over the channel axis (LayerNormalization, the Pow/ReduceMean RMSNorm
   pattern, Softmax over it, GroupNormalization), concatenation or Split along it (fused QKV), graph
   inputs/outputs and unknown ops refuse the group, with the reason. The walk still covers the rest
@@ -305,7 +306,7 @@ class ChannelGraph:
 
     def is_producer(self, target: Target) -> bool:
         node = target.consumers[0].node
-        return node.op_type in LINEARS and node.domain in ("", "ai.onnx") and not _depthwise(node) \
+        return node.op_type in LINEARS and node.domain in ("", "ai.onnx") and not _grouped(node) \
             and target.structured_reason is None
 
     def group_of(self, seed: Target) -> ChannelGroup:
@@ -440,10 +441,10 @@ class _Walk:
             raise Refuse(f"control flow {op} ({node.name})")
         if op == "Shape":
             return  # read dynamically: adapts to the pruned size
-        if node in self.a.by_node and op in LINEARS and not _depthwise(node):
+        if node in self.a.by_node and op in LINEARS and not _grouped(node):
             return self._linear(node, anchor, axis)
-        if op == "Conv" and _depthwise(node):
-            return self._depthwise(node, anchor, axis)
+        if _grouped(node):
+            return self._grouped(node, anchor, axis)
         handler = {
             "MatMul": self._matmul, "Transpose": self._transpose, "Expand": self._expand, "Slice": self._slice,
             "Concat": self._concat, "Split": self._split, "BatchNormalization": self._batchnorm,
@@ -465,8 +466,6 @@ class _Walk:
         target = self.a.by_node[node]
         if target.skip_reason or len(target.consumers) > 1 or target.structured_reason:
             raise Refuse(f"{target.name}: {target.skip_reason or target.structured_reason or 'shared by several nodes'}")
-        if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
-            raise Refuse(f"grouped convolution {node.name}")
         if anchor is node.outputs[0]:
             expected = self._axis_out(node, target)
             if axis != expected:
@@ -494,13 +493,27 @@ class _Walk:
             raise Refuse(f"{node.name}: the channel is not its reduction axis")
         self.group.weights.append(WeightSlice(target, "columns", axis.size))
 
-    def _depthwise(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
-        channel = Axis(1 - len(self.shape(node.inputs[1])), axis.size)
-        if axis != channel:
-            raise Refuse(f"{node.name}: depthwise convolution over a non-channel axis")
-        self._channel_params(node, (1, 2), axis, "weights")
-        self.group.attributes.append(AttrEdit(node, "group", axis.size))
-        self._through(node, axis)
+    def _grouped(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
+        """A grouped (or depthwise) Conv passes the channel through: group j's filters read only
+        group j's input channels, so a unit of whole groups goes at once, its input channels, its
+        filters (weight rows, bias) and its output channels, and `group` shrinks with them."""
+        groups = node.attributes.get_int("group", 1)
+        weight_shape = self.shape(node.inputs[1])
+        channel = 1 - len(weight_shape)
+        if anchor is node.inputs[0]:
+            inputs, outputs = axis, Axis(channel, weight_shape[0])
+        elif anchor is node.outputs[0]:
+            inputs, outputs = Axis(channel, groups * weight_shape[1]), axis
+        else:
+            raise Refuse(f"{node.name}: the channel reaches the weight of a grouped convolution")
+        if axis.axis != channel:
+            raise Refuse(f"{node.name}: grouped convolution over a non-channel axis")
+        if groups % self.group.units:
+            self._coarsen(math.gcd(self.group.units, groups))  # a unit is a whole number of groups
+        self._channel_params(node, (1, 2), outputs, "weights")
+        self.group.attributes.append(AttrEdit(node, "group", groups))
+        self.member(node.inputs[0], inputs)
+        self.member(node.outputs[0], outputs)
 
     def _unary(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         if anchor is not node.inputs[0] and anchor not in node.outputs:
@@ -838,10 +851,7 @@ def _resolved(src: list, position: int, size: int, dst: list):
     return src, dst
 
 
-def _depthwise(node: ir.Node) -> bool:
-    if node.op_type != "Conv":
-        return False
-    group = node.attributes.get_int("group", 1)
-    weight = const_tensor(node.inputs[1])
-    shape = None if weight is None else weight.shape
-    return group > 1 and shape is not None and shape[1] == 1 and shape[0] == group
+def _grouped(node: ir.Node) -> bool:
+    """A Conv with group > 1 (depthwise included) and a constant weight."""
+    return (node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1
+            and const_tensor(node.inputs[1]) is not None)

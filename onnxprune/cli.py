@@ -87,7 +87,7 @@ def command(name: str | None = None, *, examples: str, json_result: bool = True)
         return app.command(name, epilog=epilog)(run)
     return decorate
 
-CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, or a .npz of input tensors.")
+CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, a .npz of input tensors (first axis = samples), or a directory of .npz files (one feed dict per sample).")
 NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
 SEQLEN_OPTION = typer.Option(2048, "--seqlen", help="Tokens per calibration window.")
 TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: beside the model).")
@@ -516,7 +516,7 @@ def evaluate(
     tokenizer_dir: Optional[Path] = TOKENIZER_OPTION,
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Dense twin: measure output fidelity instead of perplexity."),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Input tensors (.npz, first axis = samples) for --reference."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Input tensors for --reference: a .npz (first axis = samples) or a directory of .npz files (one feed dict per sample)."),
     json_out: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result as JSON to this file."),
 ) -> None:
     """Perplexity of a causal LM through onnxruntime (as Wanda and SparseGPT measure it), or, with
@@ -529,7 +529,7 @@ def evaluate(
         from onnxprune.fidelity import fidelity
 
         if inputs is None:
-            raise UserError("--reference needs --inputs X.npz (input tensors named after the model's inputs)")
+            raise UserError("--reference needs --inputs X.npz or DIR (input tensors named after the model's inputs)")
         reference_path = _existing_model(reference)
         result = {"model": str(path), "reference": str(reference_path), "inputs": str(inputs),
                   **fidelity(path, reference_path, inputs)}

@@ -158,15 +158,57 @@ def load_npz_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_inputs_match(model_input_names: list[str], arrays: dict[str, np.ndarray]) -> None:
-    """Refuse arrays that do not name exactly the model's inputs."""
+def check_inputs_match(model_input_names: list[str], arrays: dict[str, np.ndarray], source: str | None = None) -> None:
+    """Refuse arrays that do not name exactly the model's inputs (`source`: the file they came from)."""
     missing = [name for name in model_input_names if name not in arrays]
     extra = [name for name in arrays if name not in model_input_names]
+    where = f" of {source}" if source else ""
     if missing:
-        raise UserError(f"the input tensors lack {', '.join(missing)} (the model takes {', '.join(model_input_names)})")
+        raise UserError(f"the input tensors{where} lack {', '.join(missing)} (the model takes {', '.join(model_input_names)})")
     if extra:
-        raise UserError(f"the input tensors {', '.join(extra)} are not model inputs "
+        raise UserError(f"the input tensors {', '.join(extra)}{where} are not model inputs "
                         f"(the model takes {', '.join(model_input_names)})")
+
+
+def is_tensor_source(source: str | os.PathLike) -> bool:
+    """Input tensors rather than text: a .npz file or a directory (of .npz files)."""
+    return Path(source).suffix.lower() == ".npz" or Path(source).is_dir()
+
+
+def load_sample_feeds(path: str | os.PathLike, input_names: list[str], batch: int = 1,
+                      limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """onnxruntime feed dicts from input tensors, at most `limit` samples.
+
+    A directory holds one .npz per sample (read in name order), each a complete feed dict of any
+    shapes, scalars included (a sample rate, a recurrent state). One .npz stacks the samples along
+    every array's first axis; they are fed `batch` at a time.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))[:limit]
+        if not files:
+            raise UserError(f"{path} holds no .npz files (one per sample: np.savez(f, input_name=array, ...))")
+        feeds = []
+        for file in files:
+            arrays = load_npz_inputs(file)
+            check_inputs_match(input_names, arrays, str(file))
+            feeds.append(arrays)
+        return feeds
+    return stacked_feeds(load_npz_inputs(path), input_names, batch, limit, str(path))
+
+
+def stacked_feeds(arrays: dict[str, np.ndarray], input_names: list[str], batch: int = 1, limit: int | None = None,
+                  source: str | None = None) -> list[dict[str, np.ndarray]]:
+    """Feed dicts of `batch` samples each from arrays that stack samples along their first axis."""
+    check_inputs_match(input_names, arrays, source)
+    scalars = [name for name, array in arrays.items() if np.ndim(array) == 0]
+    if scalars:
+        raise UserError(f"{source or 'the input tensors'}: {', '.join(scalars)} {'is a scalar' if len(scalars) == 1 else 'are scalars'}, but "
+                        "stacked tensors hold samples along the first axis; give a directory with one .npz per sample")
+    count = min(len(a) for a in arrays.values())
+    if limit is not None:
+        count = min(count, limit * batch)
+    return [{name: np.asarray(a)[i:i + batch] for name, a in arrays.items()} for i in range(0, count, batch)]
 
 
 def _dataset_name(source: str | os.PathLike) -> str | None:
@@ -174,7 +216,7 @@ def _dataset_name(source: str | os.PathLike) -> str | None:
     if isinstance(source, str) and source.lower() in DATASETS:
         return source.lower()
     path = Path(source)
-    if path.suffix.lower() == ".npz":
+    if is_tensor_source(path):
         raise UserError(f"{path} holds input tensors, not text; use it for models that do not take text")
     if path.suffix.lower() not in TEXT_SUFFIXES:
         raise UserError(f"unknown text source {source}: use {', '.join(DATASETS)}, or a .txt or .jsonl file")

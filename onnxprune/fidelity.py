@@ -11,10 +11,11 @@ top-1 prediction; each such case is listed in the output's `warnings`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
-from onnxprune.data import check_inputs_match, load_npz_inputs
+from onnxprune.data import load_sample_feeds, stacked_feeds
 from onnxprune.errors import UserError, first_line
 from onnxprune.evaluation import open_session
 from onnxprune.progress import progress_bar
@@ -24,19 +25,22 @@ _BATCH = 16  # samples run at once
 
 def fidelity(model_path, reference_path, inputs: str | os.PathLike | dict[str, np.ndarray],
              providers: list[str] | None = None) -> dict:
-    """`model_path` / `reference_path`: anything `open_session` takes; `inputs`: a .npz or its arrays."""
-    arrays = inputs if isinstance(inputs, dict) else load_npz_inputs(inputs)
+    """`model_path` / `reference_path`: anything `open_session` takes; `inputs`: a .npz (samples
+    stacked on the first axis) or its arrays, or a directory of .npz files (one feed dict each)."""
     model, reference = open_session(model_path, providers), open_session(reference_path, providers)
     names = [i.name for i in model.get_inputs()]
-    check_inputs_match(names, arrays)
+    # A model exported for a fixed batch (often 1) takes the samples one at a time.
+    batch = 1 if any(i.shape and isinstance(i.shape[0], int) for i in model.get_inputs()) else _BATCH
+    batches = stacked_feeds(inputs, names, batch) if isinstance(inputs, dict) else load_sample_feeds(inputs, names, batch)
     outputs = [o.name for o in reference.get_outputs()]
     missing = [name for name in outputs if name not in {o.name for o in model.get_outputs()}]
     if missing:
         raise UserError(f"the model lacks the reference's outputs {', '.join(missing)}: is it the same network?")
-    count = min(len(a) for a in arrays.values())
+    # A directory holds one sample per file (any shapes); stacked tensors, `batch` per feed dict.
+    one_per_feed = not isinstance(inputs, dict) and Path(inputs).is_dir()
+    count = len(batches) if one_per_feed else sum(min(map(len, feeds.values())) for feeds in batches)
     sums = {name: Agreement() for name in outputs}
-    for start in progress_bar(range(0, count, _BATCH), "fidelity"):
-        feeds = {name: a[start:start + _BATCH] for name, a in arrays.items()}
+    for feeds in progress_bar(batches, "fidelity"):
         got, want = _run(model, outputs, feeds), _run(reference, outputs, feeds)
         for name, a, b in zip(outputs, got, want):
             if a.shape != b.shape:

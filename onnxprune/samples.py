@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxprune.data import calibration_windows, check_inputs_match, load_npz_inputs, load_tokenizer, model_feeds
+from onnxprune.data import (calibration_windows, check_inputs_match, is_tensor_source, load_sample_feeds, load_tokenizer,
+                            model_feeds, stacked_feeds)
 from onnxprune.errors import UserError
 
 
 @dataclass
 class CalibrationOptions:
-    source: str | None = None  # wikitext2 | c4 | ptb | .txt | .jsonl | .npz
+    source: str | None = None  # wikitext2 | c4 | ptb | .txt | .jsonl | .npz | directory of .npz
     nsamples: int = 128
     seqlen: int = 2048
     tokenizer: str | None = None
@@ -27,14 +28,10 @@ class CalibrationOptions:
 
 def calibration_samples(model_path, input_names: list[str], options: CalibrationOptions) -> list[dict[str, np.ndarray]]:
     if options.source is None:
-        raise UserError("this method needs calibration data: pass --calib wikitext2|c4|ptb|FILE.txt|FILE.jsonl|FILE.npz "
+        raise UserError("this method needs calibration data: pass --calib wikitext2|c4|ptb|FILE.txt|FILE.jsonl|FILE.npz|DIR-of-npz "
                         "(or --stats from `onnxprune calibrate`)")
-    if Path(options.source).suffix == ".npz":
-        arrays = load_npz_inputs(options.source)
-        check_inputs_match(input_names, arrays)
-        count = min(len(a) for a in arrays.values())
-        # The leading axis indexes samples; each runs as a batch of one, like the text windows.
-        return [{name: a[i:i + 1] for name, a in arrays.items()} for i in range(min(count, options.nsamples))]
+    if is_tensor_source(options.source):  # each sample runs as it comes (a batch of one), like the text windows
+        return load_sample_feeds(options.source, input_names, limit=options.nsamples)
     tokenizer = load_tokenizer(model_path, options.tokenizer)
     windows = calibration_windows(tokenizer, options.source, options.nsamples, options.seqlen, options.seed)
     return [model_feeds(input_names, window[None]) for window in windows]
@@ -47,9 +44,7 @@ def samples_from_python(calib, input_names: list[str], nsamples: int) -> list[di
       (attention mask and positions filled in), else the tensors of a one-input model;
     - a list of feed dicts {input name: array}, or of arrays as the list of such an array's rows."""
     if isinstance(calib, dict):
-        check_inputs_match(input_names, calib)
-        count = min(len(a) for a in calib.values())
-        return [{name: np.asarray(a)[i:i + 1] for name, a in calib.items()} for i in range(min(count, nsamples))]
+        return stacked_feeds(calib, input_names, limit=nsamples)
     items = list(calib)[:nsamples]
     if not items:
         raise UserError("calib= holds no samples")
@@ -76,6 +71,11 @@ def calibration_record(options: CalibrationOptions, nsamples: int) -> dict:
     path = Path(str(options.source))
     if path.is_file():
         record.update(sha256=file_sha256(path), hash_of="file")
+    elif path.is_dir():  # a directory of .npz samples: every file's name and content
+        digest = hashlib.sha256()
+        for file in sorted(path.glob("*.npz")):
+            digest.update(f"{file.name}:{file_sha256(file)}".encode())
+        record.update(sha256=digest.hexdigest(), hash_of="files")
     else:
         drawn = {key: record[key] for key in ("source", "nsamples", "seqlen", "seed")}
         record.update(sha256=hashlib.sha256(json.dumps(drawn, sort_keys=True).encode()).hexdigest(),

@@ -48,7 +48,8 @@ class Accumulator:
 
     def add(self, x: np.ndarray) -> None:
         """Fold in the rows [groups, tokens, K] of one calibration sample's activation."""
-        rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        rows = np.ascontiguousarray(x, dtype=np.float32)
+        rows = torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # onnxruntime's outputs are read-only
         if self.tokens == 0:
             groups, _, k = rows.shape
             self.sq_sum = torch.zeros(groups, k, dtype=torch.float64) if "sq_sum" in self.needs else None

@@ -28,7 +28,8 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
 from onnxprune.errors import UserError
-from onnxprune.targets import FLOAT_TYPES, TINY_K, Target, discover_targets
+from onnxprune.defaults import TINY_K
+from onnxprune.targets import FLOAT_TYPES, Target, discover_targets
 from onnxprune.targets import add_bias as give_bias
 from onnxprune.targets import compile_regex
 

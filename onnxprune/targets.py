@@ -19,13 +19,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.blocks import assign_blocks, node_positions
+from onnxprune.defaults import mark_defaults
 from onnxprune.errors import UserError
 from onnxprune.layout import Layout
 from onnxprune.weight_chain import Step, constant_nodes_to_initializers, op_name, step_for
 from onnxprune.weight_ops import Consumer, WeightRule, rule_for
 
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
-TINY_K = 16  # layers with fewer inputs per output are left alone by default, as the references do
 _SLICEABLE_STEPS = {"Identity", "Cast", "Transpose"}  # steps structured pruning can slice through
 
 __all__ = ["Consumer", "Discovery", "Layout", "Target", "discover", "discover_targets", "select_targets"]
@@ -147,8 +147,7 @@ def discover(model: ir.Model) -> Discovery:
         if target.value.producer() is not None and target.skip_reason is None:
             (target.value,) = constant_nodes_to_initializers([target.value.producer()]).values()
     targets.sort(key=lambda t: min(positions[c.node] for c in t.consumers))
-    assign_blocks(graph, targets)
-    _mark_defaults(graph, targets)
+    mark_defaults(graph, targets, named_blocks=assign_blocks(graph, targets))
     return Discovery(targets, untouched)
 
 
@@ -305,36 +304,6 @@ def compile_regex(pattern: str | None, option: str) -> re.Pattern | None:
         return re.compile(pattern)
     except re.error as exc:
         raise UserError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from None
-
-
-def _mark_defaults(graph: ir.Graph, targets: list[Target]) -> None:
-    """Leave embeddings, LM heads/classifiers and tiny layers alone by default, like the references."""
-    in_blocks = any(t.block is not None for t in targets)
-    heads = _head_targets(graph, targets)
-    for target in targets:
-        if target.layout.in_features < TINY_K:
-            target.default_reason = f"tiny layer (K={target.layout.in_features} < {TINY_K})"
-        elif in_blocks and target.block is None:
-            target.default_reason = "outside the repeated blocks (LM head, pooler, classifier)"
-        elif not in_blocks and id(target) in heads:
-            target.default_reason = "output head (feeds a graph output directly)"
-
-
-def _head_targets(graph: ir.Graph, targets: list[Target]) -> set[int]:
-    """Targets whose output reaches a graph output without passing through another target."""
-    owner = {c.node: t for t in targets for c in t.consumers}
-    heads, seen = set(), set()
-    stack = [v.producer() for v in graph.outputs if v.producer() is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in owner:
-            heads.add(id(owner[node]))
-            continue
-        stack += [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
-    return heads
 
 
 def add_bias(target: Target, values: np.ndarray) -> None:

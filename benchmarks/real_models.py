@@ -1,0 +1,246 @@
+"""Calibrated pruning of real pretrained CNN / audio models that install offline from PyPI.
+
+For each model: realistic calibration inputs (text rendered with Pillow for the OCR models, the
+matplotlib sample photo for the detector, a synthetic voiced/noise signal in 512-sample chunks
+for the VAD), then `onnxprune apply --method M` at 50% and 2:4 with the default selection, the
+share of the model's convolution parameters pruned (from the report), and fidelity against the
+dense model on held-out inputs (`onnxprune eval --reference`). Writes results.jsonl and table.md.
+
+    python benchmarks/real_models.py -o bench-real [--models det,rec,cls,vad,yolo] [--methods wanda,sparsegpt,mama]
+
+Models whose package is absent are skipped. paddle2onnx exports keep their weights in Constant
+nodes: where this onnxprune finds no weights in a model, the script converts its Constants to
+initializers first (`prepared_model`). Coverage is the share of the learned convolution
+parameters (fixed transforms such as silero's STFT basis excluded) that the default selection prunes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+PATTERNS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"]}
+CALIBRATION_SAMPLES = 8
+HELD_OUT_SAMPLES = 4
+
+
+def package_file(package: str, relative: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / relative
+    return path if path.is_file() else None
+
+
+def text_images(count: int, height: int, width: int, seed: int, lines: int = 1) -> np.ndarray:
+    """Black text (random words, sizes, offsets) on light backgrounds, as uint8 [count, H, W, 3]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    words = ("invoice total amount date 2024 receipt paid order number customer address street city "
+             "phone price quantity item tax discount subtotal OCR model pruning sparse network").split()
+    images = []
+    for _ in range(count):
+        background = tuple(int(v) for v in rng.integers(200, 256, size=3))
+        image = Image.new("RGB", (width, height), background)
+        draw = ImageDraw.Draw(image)
+        for line in range(lines):
+            size = int(rng.integers(max(10, height // (lines * 3)), max(12, height // (lines + 1))))
+            font = ImageFont.load_default(size=size)
+            text = " ".join(rng.choice(words, size=int(rng.integers(2, 7))))
+            top = int(line * height / lines + rng.integers(0, max(1, height // lines - size)))
+            draw.text((int(rng.integers(0, max(1, width // 8))), top), text, fill=tuple(int(v) for v in
+                                                                                   rng.integers(0, 80, size=3)), font=font)
+        images.append(np.asarray(image))
+    return np.stack(images)
+
+
+def normalized(images: np.ndarray) -> np.ndarray:
+    """PaddleOCR's preprocessing: BGR, /255, minus 0.5, divided by 0.5, NCHW float32."""
+    return ((images[..., ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2).copy()
+
+
+def photo_crops(count: int, size: int, seed: int) -> np.ndarray:
+    """Random crops of matplotlib's sample photo, resized to size×size, RGB /255 NCHW (YOLOv8's input)."""
+    from PIL import Image
+
+    path = package_file("matplotlib", "mpl-data/sample_data/grace_hopper.jpg")
+    photo = Image.open(path).convert("RGB")
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(count):
+        scale = rng.uniform(0.5, 1.0)
+        w, h = int(photo.width * scale), int(photo.height * scale)
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        crop = photo.crop((left, top, left + w, top + h)).resize((size, size))
+        crops.append(np.asarray(crop, dtype=np.float32) / 255.0)
+    return np.stack(crops).transpose(0, 3, 1, 2).copy()
+
+
+def voice_like_chunks(count: int, seed: int, chunk: int = 512, rate: int = 16000) -> list[np.ndarray]:
+    """Chunks of a synthetic signal alternating voiced sounds (harmonics of a gliding pitch with
+    a syllable envelope) and background noise, float32 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(count * chunk) / rate
+    pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) * (np.sin(2 * np.pi * 0.25 * t) > -0.3)
+    signal = 0.3 * voiced * envelope + 0.02 * rng.standard_normal(len(t))
+    return [signal[i * chunk:(i + 1) * chunk].astype(np.float32) for i in range(count)]
+
+
+def save_samples(folder: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    """One .npz per sample (any shapes, scalars allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, feed in enumerate(feeds):
+        np.savez(folder / f"{index:03d}.npz", **feed)
+    return folder
+
+
+def model_inputs(name: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    if name == "det":
+        return [{"x": normalized(text_images(1, 320, 320, seed + i, lines=6))} for i in range(count)]
+    if name == "rec":
+        return [{"x": normalized(text_images(1, 48, 320, seed + i))} for i in range(count)]
+    if name == "cls":
+        return [{"x": normalized(text_images(1, 48, 192, seed + i))} for i in range(count)]
+    if name == "yolo":
+        return [{"images": photo_crops(1, 320, seed + i)} for i in range(count)]
+    if name == "vad":  # silero: one 512-sample chunk, its recurrent state, the sample rate as a scalar
+        chunks = voice_like_chunks(count, seed)
+        return [{"input": c[None], "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
+                for c in chunks]
+    raise ValueError(name)
+
+
+MODELS = {
+    "det": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx", "PP-OCRv4 det (rapidocr)"),
+    "rec": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", "PP-OCRv4 rec (rapidocr)"),
+    "cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "PP-OCR mobile v2 cls (rapidocr)"),
+    "vad": ("silero_vad", "data/silero_vad_16k_op15.onnx", "silero VAD 16k op15"),
+    "yolo": ("nudenet", "320n.onnx", "YOLOv8n (nudenet 320n)"),
+}
+
+
+def constants_to_initializers(source: Path, dest: Path) -> Path:
+    """The model with every float Constant of rank ≥ 1 turned into an initializer of the same name."""
+    model = onnx.load(str(source))
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            array = numpy_helper.to_array(node.attribute[0].t)
+            if array.dtype.kind == "f" and array.ndim >= 1:
+                model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+                continue
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save(model, str(dest))
+    return dest
+
+
+def prepared_model(key: str, source: Path, folder: Path) -> Path:
+    """The model as onnxprune takes it: as shipped, or, where this onnxprune finds no weights (a
+    paddle2onnx export keeping them in Constant nodes), with those Constants made initializers."""
+    import onnx_ir as ir
+
+    from onnxprune.targets import discover_targets
+
+    if discover_targets(ir.load(str(source))):
+        return source
+    folder.mkdir(parents=True, exist_ok=True)
+    return constants_to_initializers(source, folder / f"{key}-initializers.onnx")
+
+
+def learned_conv_params(path: Path) -> int:
+    """Parameters of the Conv / ConvTranspose weights that onnxprune finds, less the fixed
+    signal-processing transforms (an STFT basis is maths, not a learned convolution)."""
+    import onnx_ir as ir
+
+    from onnxprune.targets import discover_targets
+
+    return sum(t.layout.out_features * t.layout.in_features for t in discover_targets(ir.load(str(path)))
+               if t.layout.is_conv and not (t.default_reason or "").startswith("fixed transform"))
+
+
+def onnxprune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default="wanda,sparsegpt,mama")
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    args = parser.parse_args()
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for key in args.models.split(","):
+        package, relative, label = MODELS[key]
+        source = package_file(package, relative)
+        if source is None:
+            print(f"skip {key}: {package} is not installed")
+            continue
+        folder = out / key
+        folder.mkdir(exist_ok=True)
+        model = prepared_model(key, source, folder)
+        calib = save_samples(folder / "calib", model_inputs(key, CALIBRATION_SAMPLES, seed=0))
+        held_out = model_inputs(key, HELD_OUT_SAMPLES, seed=1000)
+        held_out_dir = save_samples(folder / "held_out", held_out)
+        total = learned_conv_params(model)
+        for method in args.methods.split(","):
+            for pattern in args.patterns.split(","):
+                pruned, report = folder / f"{method}-{pattern.replace(':', 'of')}.onnx", folder / f"{method}-{pattern.replace(':', 'of')}.json"
+                run = onnxprune("apply", str(model), "-m", method, *PATTERNS[pattern], "--calib", str(calib),
+                                "-o", str(pruned), "--report", str(report))
+                row = {"model": label, "key": key, "method": method, "pattern": pattern, "rc": run.returncode,
+                       "conv_params": total}
+                if run.returncode == 0:
+                    data = json.loads(report.read_text())
+                    row["conv_pruned_params"] = sum(t["params"] for t in data["targets"] if "Conv" in t["op"])
+                    row["coverage"] = row["conv_pruned_params"] / total if total else None
+                    row["sparsity"] = data["totals"]["sparsity"]
+                    row["left_dense"] = len(data["skipped"])
+                    fidelity = folder / f"{method}-{pattern.replace(':', 'of')}.fidelity.json"
+                    evaluation = onnxprune("eval", str(pruned), "--reference", str(model), "--inputs", str(held_out_dir),
+                                           "-o", str(fidelity))
+                    if evaluation.returncode == 0:
+                        outputs = json.loads(fidelity.read_text())["outputs"]
+                        # The output with the widest rows: a cosine over one value per row (silero's
+                        # speech probability) says nothing; its recurrent state does.
+                        name, main = max(outputs.items(), key=lambda item: -item[1]["rows"])
+                        row["output"], row["cosine"], row["rel_error"] = name, main["cosine"], main["relative_error"]
+                        row["rel_error_all"] = {n: o["relative_error"] for n, o in outputs.items()}
+                    else:
+                        row["eval_error"] = evaluation.stderr.strip().splitlines()[-1:]
+                else:
+                    row["error"] = run.stderr.strip().splitlines()[-1:]
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    lines = ["| model | method | pattern | learned conv params pruned | cosine vs dense | rel. error |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if r["rc"]:
+            lines.append(f"| {r['model']} | {r['method']} | {r['pattern']} | failed: {r.get('error')} | | |")
+            continue
+        cosine = f"{r['cosine']:.4f}" if "cosine" in r else "-"
+        error = f"{r['rel_error']:.3f}" if "rel_error" in r else "-"
+        lines.append(f"| {r['model']} | {r['method']} | {r['pattern']} | {r['coverage']:.1%} | {cosine} | {error} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
