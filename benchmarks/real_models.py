@@ -217,9 +217,9 @@ def main() -> None:
                                            "-o", str(fidelity))
                     if evaluation.returncode == 0:
                         outputs = json.loads(fidelity.read_text())["outputs"]
-                        # The output with the widest rows: a cosine over one value per row (silero's
-                        # speech probability) says nothing; its recurrent state does.
-                        name, main = max(outputs.items(), key=lambda item: -item[1]["rows"])
+                        # The output with the most rows per sample: a cosine over one value per row
+                        # (silero's speech probability) says nothing; its recurrent state does.
+                        name, main = max(outputs.items(), key=lambda item: item[1]["rows"])
                         row["output"], row["cosine"], row["rel_error"] = name, main["cosine"], main["relative_error"]
                         row["rel_error_all"] = {n: o["relative_error"] for n, o in outputs.items()}
                     else:

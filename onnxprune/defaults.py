@@ -7,7 +7,8 @@ Everything else (CNNs, detectors, audio models): every learned convolution / lin
   - the prediction layers: those whose output reaches a graph output without another weight,
   - fixed signal-processing transforms: an STFT / DFT basis or a mel filterbank stored as a weight,
     on the input side of the model (they are maths, not learned),
-  - tiny layers (fewer than TINY_K weights per output, e.g. depthwise 3×3 convs).
+  - depthwise convolutions (one small filter per channel: few parameters; N:M impossible) and
+    tiny layers (fewer than TINY_K weights per output).
 Every weight left out gets its reason in `default_reason`, which `inspect` and the report show.
 """
 
@@ -36,10 +37,11 @@ def mark_defaults(graph: ir.Graph, targets: list[Target], named_blocks: bool) ->
         k = target.layout.in_features
         if id(target) in transforms:
             target.default_reason = transforms[id(target)]
+        elif _is_depthwise(target):
+            target.default_reason = (f"depthwise convolution (one filter of K={k} weights per channel: few "
+                                     "parameters, each one matters, and N:M cannot run along one input channel)")
         elif k < TINY_K:
-            kind = "depthwise convolution, " if _is_depthwise(target) else ""
-            target.default_reason = (f"tiny layer ({kind}K={k} < {TINY_K} weights per output: few parameters, "
-                                     "each one matters)")
+            target.default_reason = f"tiny layer (K={k} < {TINY_K} weights per output: few parameters, each one matters)"
         elif named_blocks:
             if target.block is None:
                 target.default_reason = "outside the repeated blocks (LM head, pooler, classifier)"

@@ -241,3 +241,44 @@ def test_real_models_prune_ninety_percent_of_their_learned_convolutions(tmp_path
     assert_runs_like_inputs = real_models.model_inputs(key, 1, seed=5)[0]
     session = ort.InferenceSession(str(tmp_path / "pruned.onnx"), providers=["CPUExecutionProvider"])
     assert all(np.isfinite(o).all() for o in session.run(None, assert_runs_like_inputs))
+
+
+# ------------------------------------------------------------- tiny Hugging Face vision exports
+
+
+def _tiny_vision(arch: str):
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, ResNetConfig, ResNetForImageClassification
+
+    if arch == "resnet":
+        return ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                                         layer_type="bottleneck", num_labels=10))
+    return MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.35, image_size=64, num_labels=10))
+
+
+@pytest.fixture(scope="module", params=["resnet", "mobilenet_v2"])
+def hf_vision(request, tmp_path_factory):
+    pytest.importorskip("optimum.exporters.onnx")
+    import torch
+
+    from onnxprune.exporters.hf import export_hf
+
+    folder = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    _tiny_vision(request.param).save_pretrained(folder / "hf")
+    path = export_hf(str(folder / "hf"), folder / "onnx", task="image-classification")
+    images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    np.savez(folder / "calib.npz", pixel_values=images)
+    return path, folder / "calib.npz"
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "mama"])
+def test_tiny_hf_vision_models_are_pruned_by_every_calibrated_method(hf_vision, tmp_path, method):
+    source, calib = hf_vision
+    out, report_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    prune(source, out, "--method", method, "--sparsity", "0.5", "--calib", str(calib), report=report_path).ok()
+    report = json.loads(report_path.read_text())
+    targets = discover_targets(ir.load(str(source)))
+    learned = sum(t.layout.out_features * t.layout.in_features for t in targets if t.layout.is_conv)
+    pruned = sum(t["params"] for t in report["targets"] if t["op"] == "Conv")
+    assert pruned >= 0.9 * learned, (pruned, learned, [t.default_reason for t in targets])
+    assert_runs_like(out, source)
