@@ -22,6 +22,7 @@ import onnx_ir as ir
 if TYPE_CHECKING:
     from onnxprune.targets import Target
 
+STEM = "stem"  # how a stem's default_reason starts (structured pruning still takes its output channels)
 TINY_K = 16  # layers with fewer inputs per output are left alone by default, as the references do
 STEM_MAX_CHANNELS = 4  # RGB(A) images, mono/stereo audio: what a stem convolution reads
 _TRANSFORM_MIN_K = 32  # a transform basis is long; short learned kernels are smooth and would pass the test
@@ -52,7 +53,7 @@ def mark_defaults(graph: ir.Graph, targets: list[Target], named_blocks: bool) ->
             target.default_reason = "prediction layer (feeds a graph output directly)"
         elif _is_stem(target, upstream[id(target)], transforms):
             channels = target.layout.nm_group_extent
-            target.default_reason = f"stem (first convolution on the model's input, {channels} input channels)"
+            target.default_reason = f"{STEM} (first convolution on the model's input, {channels} input channels)"
 
 
 def head_targets(graph: ir.Graph, targets: list[Target]) -> set[int]:

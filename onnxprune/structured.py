@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
 from onnxprune.errors import UserError
-from onnxprune.defaults import TINY_K
+from onnxprune.defaults import STEM, TINY_K
 from onnxprune.targets import FLOAT_TYPES, Target, discover_targets
 from onnxprune.targets import add_bias as give_bias
 from onnxprune.targets import compile_regex
@@ -222,9 +222,10 @@ def structured_prune(model: ir.Model, sparsity: float, method: str = "l1", stats
 
 
 def _default_producer(target: Target) -> bool:
-    """In the default selection, or left out only for being tiny (small K does not matter when
-    whole output channels go). Shared weights stay in: their groups are listed as refused."""
-    return target.default_reason is None or target.layout.in_features < TINY_K
+    """In the default selection, or left out only for being tiny or the stem (small K does not
+    matter when whole output channels go). Shared weights stay in: their groups are listed as refused."""
+    return (target.default_reason is None or target.layout.in_features < TINY_K
+            or target.default_reason.startswith(STEM))
 
 
 def _check_stats(consumers: list[Target], stats: dict[str, dict] | None, needs: frozenset[str]) -> None:
