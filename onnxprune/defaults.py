@@ -1,7 +1,7 @@
 """Which discovered weights a pass prunes when the user names none (`--include` overrides).
 
-Transformers (blocks named by the exporter, `/model/layers.N/…`, holding linear layers): the
-linear layers inside the repeated blocks, as the Wanda and SparseGPT references do; embeddings, pooler and LM head stay.
+Models whose exporter names the repeated blocks (`/model/layers.N/…`, transformers): the
+layers inside the repeated blocks, as the Wanda and SparseGPT references do; embeddings, pooler and LM head stay.
 Everything else (CNNs, detectors, audio models): every learned convolution / linear layer except
   - the stem: the first convolution on the raw image / audio input (few input channels),
   - the prediction layers: those whose output reaches a graph output without another weight,
@@ -31,9 +31,6 @@ _TRANSFORM_MAX_DEPTH = 3  # fixed transforms chain at the input (STFT -> mel -> 
 
 def mark_defaults(graph: ir.Graph, targets: list[Target], named_blocks: bool) -> None:
     """Set `default_reason` on every target the default selection leaves alone."""
-    # The block rule is for transformers: named blocks holding linear layers. A CNN exported with
-    # block names (HF's `stages.0/layers.0`) still gets the CNN rule.
-    transformer = named_blocks and any(t.block is not None and not t.layout.is_conv for t in targets)
     heads = head_targets(graph, targets)
     upstream = _upstream_targets(graph, targets)
     transforms = _fixed_transforms(targets, upstream)
@@ -46,7 +43,7 @@ def mark_defaults(graph: ir.Graph, targets: list[Target], named_blocks: bool) ->
                                      "parameters, each one matters, and N:M cannot run along one input channel)")
         elif k < TINY_K:
             target.default_reason = f"tiny layer (K={k} < {TINY_K} weights per output: few parameters, each one matters)"
-        elif transformer:
+        elif named_blocks:
             if target.block is None:
                 target.default_reason = "outside the repeated blocks (LM head, pooler, classifier)"
         elif id(target) in heads:
