@@ -13,6 +13,7 @@ sample's activations and the statistics.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from onnx import helper
 
 from onnxprune.boundary_cache import BoundaryCache
 from onnxprune.errors import UserError, first_line
-from onnxprune.progress import progress_bar
+from onnxprune.progress import BlockProgress
 from onnxprune.blocks import attribute_subgraphs
 from onnxprune.statistics import Accumulator, Uncalibrated, activation_rows
 from onnxprune.targets import Consumer, Target
@@ -93,25 +94,32 @@ def calibrate(model: ir.Model, groups: list[list[Target]], samples: list[Sample]
     segments = plan_segments(model.graph, groups)
     cache = BoundaryCache(len(samples))
     all_stats: dict[str, dict] = {}
+    progress = BlockProgress(len(segments))
     try:
-        for index in progress_bar(range(len(segments)), "calibrating blocks"):
+        for index in range(len(segments)):
+            start = time.perf_counter()
             segment = segments[index]
             stats = _segment_statistics(model, segment, _Feeds(segment, cache, samples), needs, providers)
             all_stats.update(stats)
+            pruned_at = time.perf_counter()
             if prune_group is not None:
                 nodes_before = len(model.graph)
                 prune_group(segment.targets, stats)
                 if len(model.graph) != nodes_before:  # a pass added nodes (a new bias): cut the graph anew
                     segments = plan_segments(model.graph, groups)
                     segment = segments[index]
+            prune_s = time.perf_counter() - pruned_at
             if segment.boundary:  # the next segments' inputs, computed through the pruned weights
                 feeds = _Feeds(segment, cache, samples)
                 session = _session(model, segment, segment.boundary, next(iter(feeds)), providers)
                 for sample, feed in enumerate(feeds):
                     for name, value in zip(segment.boundary, _run(session, segment.boundary, feed, segment)):
                         cache.put(name, sample, value)
+                del session  # its copy of the block's weights goes now, not at the next block
             cache.keep_only({name for s in segments[index + 1:] for name in s.inputs})
+            progress.step(time.perf_counter() - start - prune_s, prune_s)
     finally:
+        progress.close()
         cache.close()
     return all_stats
 
@@ -164,8 +172,7 @@ def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers
 
 def _session(model: ir.Model, segment: Segment, outputs: list[str], example: Sample, providers):
     proto, weights = _segment_model(model, segment, outputs, example)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = _session_options()
     # Weights go to onnxruntime as views of their arrays (memory maps of the input's external data,
     # or the pruned tensors in memory), never serialized: onnxruntime copies only this segment's.
     values = [_ort_value(t) for t in weights.values()]
@@ -181,6 +188,18 @@ def _session(model: ir.Model, segment: Segment, outputs: list[str], example: Sam
                         f"{segment.targets[-1].node_name}: {first_line(exc)}") from None
     session.weights = values  # the arrays onnxruntime was given stay alive as long as the session
     return session
+
+
+def _session_options() -> ort.SessionOptions:
+    """One intra-op pool of OMP_NUM_THREADS threads (onnxruntime's default when unset), which
+    sleep instead of spinning between runs: the Python work between runs (statistics, pruning)
+    needs those cores."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _run(session, outputs: list[str], feeds: Sample, segment: Segment) -> list[np.ndarray]:

@@ -88,8 +88,12 @@ def command(name: str | None = None, *, examples: str, json_result: bool = True)
     return decorate
 
 CALIB_OPTION = typer.Option(None, "--calib", help="Calibration data: wikitext2, c4, ptb, a .txt/.jsonl file, a .npz of input tensors (first axis = samples), or a directory of .npz files (one feed dict per sample).")
-NSAMPLES_OPTION = typer.Option(128, "--nsamples", help="Calibration windows (samples).")
-SEQLEN_OPTION = typer.Option(2048, "--seqlen", help="Tokens per calibration window.")
+NSAMPLES_OPTION = typer.Option(128, "--nsamples", help=(
+    "Calibration windows (samples), default 128 as in the Wanda/SparseGPT papers. Cost grows linearly: about two "
+    "forward passes of the model over nsamples × seqlen tokens, and nsamples × seqlen × hidden × 4 bytes of "
+    "block-boundary activations (in memory up to ONNXPRUNE_CACHE_MB, default 4096, then on disk). 32 is often "
+    "enough for a first try at a quarter of the time."))
+SEQLEN_OPTION = typer.Option(None, "--seqlen", help="Tokens per calibration window (default: min(2048, the model's max positions from config.json or its position table)).")
 TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: beside the model).")
 RAY_OPTION = typer.Option(None, "--ray", help="Run on a Ray cluster: 'auto' (the one `ray start` runs here, else a new local one) or its ADDRESS (host:6379, ray://host:10001). Needs pip install 'onnxprune[ray]'.")
 SHARED_STORAGE_OPTION = typer.Option(False, "--shared-storage", help="With --ray: the nodes read the model (and OUT) at the same paths instead of copies through Ray's object store.")
@@ -117,7 +121,7 @@ method: Optional[str] = typer.Option(None, "--method", "-m", help="Pruning metho
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Store weights beside the model (default: when the input does or the model is large)."),
     calib: Optional[str] = CALIB_OPTION,
     nsamples: int = NSAMPLES_OPTION,
-    seqlen: int = SEQLEN_OPTION,
+    seqlen: Optional[int] = SEQLEN_OPTION,
     tokenizer: Optional[Path] = TOKENIZER_OPTION,
     one_shot: bool = typer.Option(False, "--one-shot", help="Gather all statistics on the dense model instead of block by block."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics from `onnxprune calibrate` (one-shot) instead of --calib."),
@@ -138,8 +142,8 @@ method: Optional[str] = typer.Option(None, "--method", "-m", help="Pruning metho
     method = method or ("l1" if spec.structured else "magnitude")
     output = output or _default_output(model, method, spec.label, spec.sparsity)
     replaced = [str(path) for path in (output, report) if path is not None and Path(path).exists()]
-    calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer), seed, not one_shot,
-                                     _optional_str(stats))
+    calibration = CalibrationOptions(calib, nsamples, _seqlen(model, seqlen, calib), _optional_str(tokenizer), seed,
+                                     not one_shot, _optional_str(stats))
     if allocation not in ("uniform", "owl"):
         raise UserError(f"--allocation must be uniform or owl, got {allocation!r}")
     if skip_incompatible:
@@ -252,7 +256,7 @@ def calibrate(
     output: Path = typer.Option(..., "--output", "-o", help="Statistics file (.npz) to write."),
     calib: Optional[str] = CALIB_OPTION,
     nsamples: int = NSAMPLES_OPTION,
-    seqlen: int = SEQLEN_OPTION,
+    seqlen: Optional[int] = SEQLEN_OPTION,
     tokenizer: Optional[Path] = TOKENIZER_OPTION,
     include: Optional[str] = typer.Option(None, "--include", help="Regex: calibrate exactly these layers."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: skip these layers."),
@@ -265,7 +269,8 @@ def calibrate(
     if output.suffix != ".npz":
         raise UserError(f"statistics file must end in .npz: {output}")
     check_writable(output)
-    summary = calibrate_to_file(model, output, CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer)),
+    summary = calibrate_to_file(model, output, CalibrationOptions(calib, nsamples, _seqlen(model, seqlen, calib),
+                                                                   _optional_str(tokenizer)),
                                 include, exclude, method)
     emit_json({"output": str(output), **summary})
     console.result(f"wrote {output}: statistics of {summary['targets']} weights from {summary['samples']} samples "
@@ -289,7 +294,7 @@ def sweep(
     calib: Optional[str] = CALIB_OPTION,
     eval_source: str = typer.Option("wikitext2", "--eval", help="Perplexity text: wikitext2, c4, ptb, or a .txt / .jsonl file."),
     nsamples: int = NSAMPLES_OPTION,
-    seqlen: int = SEQLEN_OPTION,
+    seqlen: Optional[int] = SEQLEN_OPTION,
     tokenizer: Optional[Path] = TOKENIZER_OPTION,
     prompt: str = typer.Option("University is", "--prompt", help="Prompt for the greedy samples."),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=0, help="Tokens per sample."),
@@ -310,7 +315,8 @@ def sweep(
     if not is_available("matplotlib"):
         note(f"no ppl_vs_level.png: {missing_extra_message('matplotlib', 'the plot')}")
     config = SweepConfig(_split(methods), [_float(v, "--levels") for v in _split(levels)], _split(patterns), calib,
-                         eval_source, out_dir, nsamples, seqlen, _optional_str(tokenizer), prompt, max_new_tokens,
+                         eval_source, out_dir, nsamples, _seqlen(model, seqlen, calib), _optional_str(tokenizer),
+                         prompt, max_new_tokens,
                          max_windows, one_shot, keep_models)
     cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
     check_writable_dir(out_dir)
@@ -440,7 +446,7 @@ def quantize(
     mode: str = typer.Option("int8-static", "--mode", help="int8-static (QDQ, calibrated), int8-dynamic, or int4 (MatMulNBits)."),
     calib: Optional[str] = CALIB_OPTION,
     nsamples: int = NSAMPLES_OPTION,
-    seqlen: int = SEQLEN_OPTION,
+    seqlen: Optional[int] = SEQLEN_OPTION,
     tokenizer: Optional[Path] = TOKENIZER_OPTION,
     block_size: int = typer.Option(128, "--block-size", help="int4: weights per quantization block."),
     compressed: bool = typer.Option(False, "--compressed", help="Store int8 weights as bitmask + non-zeros."),
@@ -461,7 +467,7 @@ def quantize(
     loaded = load_model(path)
     samples = None
     if mode == "int8-static":
-        calibration = CalibrationOptions(calib, nsamples, seqlen, _optional_str(tokenizer))
+        calibration = CalibrationOptions(calib, nsamples, _seqlen(path, seqlen, calib), _optional_str(tokenizer))
         samples = CalibrationSource(path, loaded, calibration, StageTimer()).samples()
     quantized, result = quantize_model(loaded, options, samples)
     save_model(quantized, out)
@@ -512,7 +518,7 @@ onnxprune eval pruned.onnx --reference dense.onnx --inputs inputs.npz --json
 def evaluate(
     model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
     eval_source: str = typer.Option("wikitext2", "--eval", help="Perplexity text: wikitext2, c4, ptb, or a .txt / .jsonl file."),
-    seqlen: int = typer.Option(2048, "--seqlen", min=2, help="Tokens per window."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", min=2, help="Tokens per window (default: min(2048, the model's max positions))."),
     tokenizer_dir: Optional[Path] = TOKENIZER_OPTION,
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Evaluate only the first N windows."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Dense twin: measure output fidelity instead of perplexity."),
@@ -540,9 +546,10 @@ def evaluate(
             for warning in metrics["warnings"]:
                 warn(f"{name}: {warning}")
     else:
-        from onnxprune.data import load_tokenizer
+        from onnxprune.data import load_tokenizer, window_length
         from onnxprune.evaluation import perplexity
 
+        seqlen = window_length(path, seqlen)
         ppl = perplexity(path, load_tokenizer(path, tokenizer_dir), eval_source, seqlen, max_windows=max_windows)
         result = {"model": str(path), "eval": eval_source, **ppl.as_dict()}
         console.result(f"perplexity {ppl.perplexity:.4f} on {eval_source}: {ppl.windows} windows of {seqlen} tokens "
@@ -582,6 +589,15 @@ def _existing_model(model: Path) -> Path:
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
     return path
+
+
+def _seqlen(model: Path, requested: int | None, calib: str | None) -> int:
+    """The calibration window for MODEL (a .npz brings its own shapes: nothing to check)."""
+    if calib is not None and calib.endswith(".npz"):
+        return requested or 2048
+    from onnxprune.data import window_length
+
+    return window_length(model, requested)
 
 
 def _optional_str(path: Path | None) -> str | None:

@@ -36,6 +36,52 @@ _C4_EVAL_WINDOWS = 256      # evaluation keeps the first 256 * seqlen tokens
 _C4_MAX_DRAWS = 100_000     # documents drawn before giving up on finding one longer than seqlen
 
 
+DEFAULT_SEQLEN = 2048  # the references' window; shorter when the model cannot take it
+# config.json keys that hold a model's longest input, by family (Llama/OPT/BERT, GPT-2, MPT, GPT-J).
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx")
+
+
+def max_positions(model_path: str | os.PathLike) -> int | None:
+    """The longest sequence the model takes: from the config.json beside it, else the row count of
+    a position-embedding table (a Gather on an initializer named like *position* / wpe); None
+    when neither tells (rotary models without a config)."""
+    path = resolve_model_path(model_path)
+    config = path.parent / "config.json"
+    if config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError):
+            values = {}
+        for key in _MAX_POSITION_KEYS:
+            if isinstance(values.get(key), int) and values[key] > 0:
+                return values[key]
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        return None
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        table = node.input[0] if node.op_type == "Gather" and node.input else ""
+        if table in shapes and len(shapes[table]) == 2 and ("position" in table.lower() or "wpe" in table.lower()):
+            return int(shapes[table][0])
+    return None
+
+
+def window_length(model_path: str | os.PathLike, requested: int | None) -> int:
+    """--seqlen: min(2048, the model's max positions) by default; longer than the model takes is an error."""
+    limit = max_positions(model_path)
+    if requested is None:
+        return DEFAULT_SEQLEN if limit is None else min(DEFAULT_SEQLEN, limit)
+    if requested < 1:
+        raise UserError(f"--seqlen must be at least 1 (got {requested})")
+    if limit is not None and requested > limit:
+        raise UserError(f"--seqlen {requested} is longer than the model's {limit} positions; "
+                        f"pass --seqlen {limit} or less")
+    return requested
+
+
 def load_tokenizer(model_path: str | os.PathLike | None, tokenizer_dir: str | os.PathLike | None = None):
     """The tokenizer in `tokenizer_dir`, else the one stored beside the model (as `onnxprune export` does)."""
     if tokenizer_dir is None and model_path is None:

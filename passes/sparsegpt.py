@@ -10,6 +10,8 @@ block ("lazy batch" updates). Computed in float32 torch on CPU, like the referen
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from onnxprune.extras import LazyModule
@@ -18,6 +20,17 @@ from onnxprune.passes.registry import register
 from onnxprune.patterns import Pattern
 
 torch = LazyModule("torch", "sparsegpt")  # imported on first use: the core install has no torch
+
+
+@contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set for a scope, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @register
@@ -75,25 +88,32 @@ class SparseGPT(PruningPass):
                 thresh = torch.sort(score.flatten())[0][int(score.numel() * pattern.sparsity)]
                 mask1 = score <= thresh
 
-            for i in range(i2 - i1):
-                if pattern.is_nm and i % m == 0:
-                    # N:M: choose the group's mask now, on weights already updated by the
-                    # errors of the columns to its left.
-                    score = W1[:, i:i + m] ** 2 / d1[:, i:i + m] ** 2
-                    mask1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
-                w = W1[:, i]
-                q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-                Q1[:, i] = q
-                # OBS: the error of column i, scaled by 1/[chol(H⁻¹)]_ii, is compensated on the
-                # columns to its right along row i of the Cholesky factor.
-                err1 = (w - q) / Hinv1[i, i]
-                W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
-                Err1[:, i] = err1
+            with torch_threads(1):  # thousands of tiny ops: dispatch to a pool costs more than it gains
+                self._prune_block(W1, Q1, Err1, Hinv1, d1, mask1, pattern)
 
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of all later columns at once
 
         return Pruned(W.numpy())
+
+    @staticmethod
+    def _prune_block(W1, Q1, Err1, Hinv1, d1, mask1, pattern: Pattern) -> None:
+        """Column by column inside one block, updating W1, Q1, Err1 (and mask1 for N:M) in place."""
+        n, m = pattern.n, pattern.m
+        for i in range(W1.shape[1]):
+            if pattern.is_nm and i % m == 0:
+                # N:M: choose the group's mask now, on weights already updated by the
+                # errors of the columns to its left.
+                score = W1[:, i:i + m] ** 2 / d1[:, i:i + m] ** 2
+                mask1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            Q1[:, i] = q
+            # OBS: the error of column i, scaled by 1/[chol(H⁻¹)]_ii, is compensated on the
+            # columns to its right along row i of the Cholesky factor.
+            err1 = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err1[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err1
 
     def _inverse_cholesky(self, H: torch.Tensor) -> torch.Tensor:
         """Upper Cholesky factor of (H + λI)⁻¹, λ = percdamp·mean(diag H).
