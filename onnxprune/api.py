@@ -102,13 +102,14 @@ def prune(model: ModelLike, method: str = "wanda", sparsity: float | None = None
           nsamples: int = 128, seqlen: int = 2048, tokenizer: str | os.PathLike | None = None,
           one_shot: bool = False, include: str | None = None, exclude: str | None = None, target: str = "dense",
           allocation: str = "uniform", strict: bool = False, data_free: bool = False,
-          add_bias: bool = False, seed: int = 0, recipe=None) -> PruneResult:
+          add_bias: bool = False, seed: int = 0, kinds: Sequence[str] | None = None, recipe=None) -> PruneResult:
     """Prune `model` and return it in memory with its report.
 
     `sparsity` defaults to 0.5 (an N:M `pattern` sets its own); `pattern` is "unstructured",
     "N:M" (e.g. "2:4") or "structured". `calib`: a data set name (wikitext2, c4, ptb), a .txt /
     .jsonl / .npz file, a list of feed dicts, or token-id windows [samples, seqlen]. `stats`: a
-    `Statistics` from `calibrate` (or its .npz file) instead of `calib`. `recipe`: a recipe (path,
+    `Statistics` from `calibrate` (or its .npz file) instead of `calib`. `kinds`: what structured
+    pruning removes (ffn, heads, conv; default all). `recipe`: a recipe (path,
     dict or `Recipe`) run instead of the single method. The other options mean what the
     `onnxprune apply` options of the same names mean.
     """
@@ -128,7 +129,7 @@ def prune(model: ModelLike, method: str = "wanda", sparsity: float | None = None
     calibration = CalibrationOptions(_calib_name(calib), nsamples, seqlen, _str(tokenizer), seed, not one_shot,
                                      stats_path)
     options = PruneOptions(method, spec, include, exclude, strict, seed, None, calibration, allocation,
-                           data_free, add_bias, target)
+                           data_free, add_bias, target, tuple(kinds) if kinds else None)
     loaded, source = _load(model)
     timer = StageTimer()
     report = prune_model(loaded, options, _calibration_source(loaded, source, calibration, calib, stats, timer), timer)

@@ -479,6 +479,37 @@ def quantize(
                    f"{result['zeros_before']:,} pruned zeros kept" + (f"; {result['pattern']} holds in "
                    f"{result['pattern_layers_after']} layers" if result["pattern"] else ""))
 
+@command(examples="""
+onnxprune run recipe.yaml model.onnx -o pruned-int8.onnx --report report.json
+onnxprune run recipe.yaml model.onnx -o out.onnx --calib corpus.txt --json > report.json
+""")
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe (YAML): calibration and stages (prune: / quantize:), run in order."),
+    model: Path = typer.Argument(..., help="ONNX model (.onnx file, or a directory holding model.onnx)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .onnx."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data, replacing the recipe's calibration source."),
+    tokenizer: Optional[Path] = TOKENIZER_OPTION,
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (and a .md twin)."),
+) -> None:
+    """Run a recipe's stages on MODEL (e.g. structured FFN neurons -> SparseGPT 2:4 -> int8); the
+    report and the output's metadata record the recipe and the calibration data with their hashes."""
+    from onnxprune.api import run_recipe
+    from onnxprune.model_io import check_output_path
+    from onnxprune.recipe import load_recipe
+    from onnxprune.report import write_report
+
+    parsed = load_recipe(recipe)  # every stage validated before the model is read
+    path = _existing_model(model)
+    check_output_path(path, output)
+    result = run_recipe(parsed, path, calib=calib, tokenizer=tokenizer)
+    result.save(output, report=report)
+    emit_json(result.report.to_dict())
+    for stage in result.report.stages:
+        info(f"{stage['name']}: {stage['summary']}")
+    console.result(f"wrote {output}" + (f" and {report}" if report else "")
+                   + f": {len(result.report.stages)} stages in {result.report.timings_s['total']:.2f} s")
+
+
 def _split(values: str) -> list[str]:
     return [v.strip() for v in values.split(",") if v.strip()]
 

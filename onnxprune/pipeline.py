@@ -45,6 +45,7 @@ class PruneOptions:
     data_free: bool = False  # methods that offer it choose their mask without activation statistics
     add_bias: bool = False  # let bias-compensating methods add a bias where a layer has none
     target: str = "dense"  # hardware emitter: dense | compressed | tensorrt | cpu (onnxprune.emit)
+    kinds: tuple[str, ...] | None = None  # structured: which channel groups (ffn, heads, conv); None: all
 
 
 @dataclass
@@ -226,10 +227,10 @@ class CalibrationSource:
 
     def __init__(self, model_path, model: ir.Model, calib: CalibrationOptions, timer: StageTimer,
                  samples: list[dict[str, np.ndarray]] | None = None, stats: dict[str, dict] | None = None,
-                 stats_record: dict | None = None) -> None:
+                 stats_record: dict | None = None, record: dict | None = None) -> None:
         self.model_path, self.model, self.calib, self.timer = model_path, model, calib, timer
         self._samples, self._stats, self._stats_record = samples, stats, stats_record
-        self._used: dict | None = None
+        self._used: dict | None = record  # samples drawn elsewhere from a known source (recipes)
 
     def samples(self) -> list[dict[str, np.ndarray]]:
         if self._samples is None:

@@ -562,7 +562,7 @@ def prune_structured(model: ir.Model, options, samples, timer) -> StructuredRepo
         flag = "--data-free" if options.data_free else f"--allocation {options.allocation}"
         raise UserError(f"{flag} is for per-weight pruning; structured {method} would ignore it: drop it")
     with timer.stage("discover"):
-        plan = StructuredPlan(model, KINDS, options.include, options.exclude)
+        plan = StructuredPlan(model, options.kinds or KINDS, options.include, options.exclude)
     if not any(g.prunable for g in plan.groups):
         reasons = "; ".join(f"{g.kind} {g.producers[0].target.node_name}: {g.reason}" for g in plan.groups[:3])
         raise UserError(f"no prunable channel group in {samples.model_path or 'the model'}"
