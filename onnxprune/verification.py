@@ -18,8 +18,9 @@ metadata_props) and the pattern is the one asked for, at least that many layers 
   quantize  int8 dynamic quantization (onnxprune.quantization, symmetric weights)
   int4      4-bit MatMulNBits (onnxprune.quantization, symmetric blocks)
   onnxslim  onnxslim's graph slimming (the [slim] extra)
-A layer survives a step when the same weight is found afterwards (by name, with the suffixes
-the tools append stripped; else the remaining layers of the same size, in order), keeps every
+A layer survives a step when the same weight is found afterwards (by name, with the prefixes and
+suffixes the tools add stripped; else the same node's weight of the same size; else the remaining
+layers of the same size, in order), keeps every
 zero it had and, if it held the pattern, still holds it.
 """
 
@@ -41,8 +42,14 @@ from onnxprune.layout import Layout
 from onnxprune.targets import FLOAT_TYPES, compile_regex, discover_targets
 
 AFTER_STEPS = ("ort-opt", "fp16", "quantize", "int4", "onnxslim")
-# What quantizers and optimizers append to a weight's name.
-_SUFFIXES = re.compile(r"(_quantized|_Q\d+|_fp16|_transposed|_trans|_DequantizeLinear_Output)+$")
+# What quantizers and optimizers add to a weight's name (onnxruntime: W_quantized, W_Q4,
+# ConvBnFusion_W_W, ...).
+_SUFFIXES = re.compile(r"(_quantized|_Q\d+|_fp16|_transposed|_Transposed|_trans|_DequantizeLinear_Output)+$")
+_PREFIXES = re.compile(r"^(\w+?Fusion_(W|B|BN_B)_)+")
+
+
+def _base_name(name: str) -> str:
+    return _PREFIXES.sub("", _SUFFIXES.sub("", name))
 
 
 @dataclass
@@ -170,21 +177,23 @@ def survival_problems(before: list[LayerCheck], after: list[LayerCheck], step: s
     """What `step` lost: each layer with zeros (or the pattern) before must keep them afterwards."""
     by_name = {}
     for row in after:
-        by_name.setdefault(_SUFFIXES.sub("", row.name), row)
+        by_name.setdefault(_base_name(row.name), row)
     taken: set[int] = set()
     pairs = []
     for row in before:
-        match = by_name.get(_SUFFIXES.sub("", row.name))
+        match = by_name.get(_base_name(row.name))
         if match is not None and id(match) not in taken:
             taken.add(id(match))
         else:
             match = None
         pairs.append([row, match])
-    for pair in pairs:  # unmatched by name: the next unmatched layer of the same size
-        if pair[1] is None:
-            pair[1] = next((r for r in after if id(r) not in taken and r.params == pair[0].params), None)
-            if pair[1] is not None:
-                taken.add(id(pair[1]))
+    for same_node in (True, False):  # unmatched by name: the same node's weight of that size, else any
+        for pair in pairs:
+            if pair[1] is None:
+                pair[1] = next((r for r in after if id(r) not in taken and r.params == pair[0].params
+                                and (not same_node or r.node == pair[0].node)), None)
+                if pair[1] is not None:
+                    taken.add(id(pair[1]))
     problems = []
     for row, match in pairs:
         if not row.zeros:

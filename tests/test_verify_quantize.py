@@ -147,3 +147,21 @@ def test_bad_input_exits_2(pruned, tmp_path):
     assert "calibrat" in assert_user_error(cli("quantize", path, "-o", tmp_path / "q.onnx"))
     assert "mode" in assert_user_error(cli("quantize", path, "-o", tmp_path / "q.onnx", "--mode", "fp8"))
     assert "input model" in assert_user_error(cli("quantize", path, "-o", path, "--mode", "int8-dynamic"))
+
+
+def test_2of4_survives_conv_batchnorm_folding_on_a_real_model(tmp_path):
+    """PP-OCR's direction classifier (paddle2onnx, Conv + BatchNorm): onnxruntime folds each BN
+    into its Conv under a new name (ConvBnFusion_W_...); the pruned weights are still found."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    model = spec and Path(spec.origin).parent / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    if not model or not model.is_file():
+        pytest.skip("rapidocr_onnxruntime's models are not installed")
+    pruned = tmp_path / "cls-2of4.onnx"
+    cli("apply", model, "-m", "magnitude", "-p", "2:4", "-o", pruned).ok()
+    report = json.loads(cli("verify", pruned, "--pattern", "2:4", "--after", "ort-opt", "--json").ok().out)
+    optimized = report["steps"][1]
+    assert optimized["totals"]["pattern_valid"] == report["steps"][0]["totals"]["pattern_valid"] > 20
+    assert any(row["name"].startswith("ConvBnFusion_W_") and row["matched"] for row in optimized["layers"])
