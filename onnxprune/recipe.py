@@ -268,7 +268,7 @@ def run_recipe(recipe, model, *, calib=None, tokenizer=None):
     for stage in recipe.stages:
         stage_start = time.perf_counter()
         if stage.kind == "prune":
-            options = _prune_options(stage.config, calibration)
+            options = _prune_options(stage.config, calibration if _needs_data(stage) else None)  # data only where used
             timer = StageTimer()
             stage_source = CalibrationSource(source, current, calibration, timer, samples,
                                              record=report.calibration or None)
