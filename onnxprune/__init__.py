@@ -18,9 +18,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
 if TYPE_CHECKING:
-    from onnxprune.api import PruneResult, Statistics, calibrate, evaluate, inspect, prune, run_recipe
+    from onnxprune.api import PruneResult, Statistics, calibrate, evaluate, inspect, prune, run_recipe, sweep
 
-__all__ = ["PruneResult", "Statistics", "calibrate", "evaluate", "inspect", "prune", "run_recipe", "__version__"]
+__all__ = ["PruneResult", "Statistics", "calibrate", "evaluate", "inspect", "prune", "run_recipe", "sweep", "__version__"]
 
 
 def __getattr__(name: str):

@@ -185,6 +185,31 @@ def inspect(model: ModelLike, patterns: Sequence[str] = ("2:4", "4:8"), include:
                          label=str(source) if source else "<in memory>")
 
 
+def sweep(model: str | os.PathLike, output: str | os.PathLike, methods: Sequence[str] | None = None,
+          levels: Sequence[float] | None = None, patterns: Sequence[str] = (), calib: str | os.PathLike | None = None,
+          eval: str | os.PathLike = "wikitext2", *, nsamples: int = 128, seqlen: int = 2048,
+          tokenizer: str | os.PathLike | None = None, prompt: str = "University is", max_new_tokens: int = 20,
+          max_windows: int | None = None, one_shot: bool = False, keep_models: bool = False, seed: int = 0,
+          ray: str | None = None, cell_cpus: float = 1.0, cell_gpus: float = 0.0, max_retries: int = 2,
+          shared_storage: bool = False) -> list[dict]:
+    """`onnxprune sweep`: every method × level (and N:M pattern) of the model file `model`, into the
+    folder `output` (results.jsonl, table.md, timing.md, samples.md, the plot); returns the records.
+    `methods` and `levels` default to the CLI's (magnitude, wanda, sparsegpt at 13 levels from 0.01
+    to 0.99). Resumable like the CLI. `ray="auto"` (or a cluster's address) runs each cell as a
+    Ray task reserving `cell_cpus` / `cell_gpus`."""
+    from onnxprune.distributed import ClusterOptions
+    from onnxprune.sweeps import DEFAULT_LEVELS, DEFAULT_METHODS, SweepConfig, run_sweep
+
+    path = resolve_model_path(model)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    config = SweepConfig(list(methods or DEFAULT_METHODS), [float(v) for v in levels or DEFAULT_LEVELS],
+                         list(patterns), _str(calib), str(eval), Path(output), nsamples, seqlen, _str(tokenizer), prompt, max_new_tokens, max_windows,
+                         one_shot, keep_models, seed)
+    cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
+    return run_sweep(path, config, cluster)
+
+
 def run_recipe(recipe, model: ModelLike, *, calib: CalibLike = None, tokenizer: str | os.PathLike | None = None):
     """Run a recipe's stages in order on `model` (see `onnxprune.recipe`); returns a `PruneResult`."""
     from onnxprune.recipe import run_recipe as run

@@ -310,7 +310,7 @@ def sweep(
     """Methods × levels (and N:M patterns): perplexity table, timing, samples and a plot; resumable."""
     from onnxprune.distributed import ClusterOptions
     from onnxprune.extras import is_available, missing_extra_message
-    from onnxprune.sweep import SweepConfig, run_sweep
+    from onnxprune.sweeps import SweepConfig, run_sweep
 
     if not is_available("matplotlib"):
         note(f"no ppl_vs_level.png: {missing_extra_message('matplotlib', 'the plot')}")

@@ -1,9 +1,9 @@
 """`sweep --ray`: the sweep's cells as Ray tasks, one per cell, each with its own resource request.
 
 The driver (this process) prepares what every cell shares, as the sequential sweep does
-(sweep.shared_calibration): the calibration windows, and with --one-shot the dense statistics,
+(sweeps.shared_calibration): the calibration windows, and with --one-shot the dense statistics,
 computed once by one task and then shipped to every cell. The model, windows and statistics go
-to the nodes once (distributed.ship). Each task runs sweep.run_cell, the sequential sweep's own
+to the nodes once (distributed.ship). Each task runs sweeps.run_cell, the sequential sweep's own
 cell function, and returns its record; only the driver appends records to results.jsonl, in the
 order cells finish, so resume, the tables and the plot are the sequential sweep's.
 
@@ -25,7 +25,7 @@ from onnxprune.atomic import atomic_path
 from onnxprune.distributed import (ClusterOptions, Shipped, check_feasible, failure_reason, finished, materialise,
                                    ray_session, scratch_dir, ship)
 from onnxprune.errors import UserError
-from onnxprune.sweep import (SweepConfig, append_result, cell_record, one_shot_statistics, run_cell,
+from onnxprune.sweeps import (SweepConfig, append_result, cell_record, one_shot_statistics, run_cell,
                              shared_calibration)
 
 # Test hook: "METHOD/LABEL" makes the first attempt of that cell kill its worker process, as a

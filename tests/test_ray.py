@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, assert_user_error, cli
 from lm_fixtures import SEQLEN
 
-from onnxprune.sweep import read_results
+from onnxprune.sweeps import read_results
 
 try:
     import ray
@@ -48,10 +48,16 @@ def by_cell(records):
 
 
 @needs_ray
-def test_ray_sweep_matches_sequential(onnx_dir, eval_txt, tmp_path, ray_address):
+def test_ray_sweep_matches_sequential(onnx_dir, eval_txt, tmp_path, ray_address, capfd):
     cli(*sweep_args(onnx_dir, eval_txt, tmp_path / "seq")).ok()
-    done = cli(*sweep_args(onnx_dir, eval_txt, tmp_path / "ray", "magnitude,wanda", "0.3,0.6", "--ray", "auto")).ok()
-    sequential, distributed = by_cell(read(tmp_path / "seq")), by_cell(read(tmp_path / "ray"))
+    capfd.readouterr()
+    import onnxprune  # the Python API runs the same sweep on Ray
+
+    records = onnxprune.sweep(onnx_dir, tmp_path / "ray", ["magnitude", "wanda"], [0.3, 0.6], calib=eval_txt,
+                              eval=eval_txt, nsamples=4, seqlen=SEQLEN, max_windows=2, max_new_tokens=3, ray="auto")
+    log = capfd.readouterr().err
+    assert records == read(tmp_path / "ray")
+    sequential, distributed = by_cell(read(tmp_path / "seq")), by_cell(records)
     assert set(sequential) == set(distributed) and len(distributed) == 1 + 2 * 2
     for cell, expected in sequential.items():
         got = distributed[cell]
@@ -59,7 +65,7 @@ def test_ray_sweep_matches_sequential(onnx_dir, eval_txt, tmp_path, ray_address)
         assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6), cell
         assert got["sample"] == expected["sample"] and got.get("sparsity") == expected.get("sparsity")
         assert got["node"]
-    assert done.err.count("sweep: ") == 5, done.err  # one log line per finished cell
+    assert log.count("sweep: ") == 5, log  # one log line per finished cell
     for name in ("table.md", "samples.md"):
         assert (tmp_path / "ray" / name).read_text() == (tmp_path / "seq" / name).read_text()
     assert not list((tmp_path / "ray" / "models").iterdir()), "pruned models are removed unless --keep-models"

@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_user_error, cli
 from lm_fixtures import SEQLEN
 
-import onnxprune.sweep as sweep_module
+import onnxprune.sweeps as sweep_module
 
 METHODS = "magnitude,wanda,sparsegpt,bias,random"
 

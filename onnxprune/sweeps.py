@@ -1,4 +1,5 @@
-"""`sweep`: methods × sparsity levels (and N:M patterns) → the paper's tables and figure.
+"""`sweep`: methods × sparsity levels (and N:M patterns) → the paper's tables and figure. (The
+module is `sweeps` so that `onnxprune.sweep` stays the Python API's function.)
 
 Every cell prunes the dense model, measures perplexity on the evaluation text and greedy-decodes
 the prompt, then appends one line to results.jsonl; a re-run skips the cells already there. The
@@ -42,6 +43,8 @@ from onnxprune.samples import CalibrationOptions, calibration_samples
 
 DENSE = "dense"
 STATISTICS = "statistics"  # the one-shot statistics, computed once: a line of its own in results.jsonl
+DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt")
+DEFAULT_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 CONFIG = "sweep_config"  # key of results.jsonl's first line: the configuration its cells belong to
 SHARED_FILES = ("calibration.npz", "statistics.npz")  # computed once per configuration, reused by every cell
 
