@@ -61,26 +61,34 @@ def check_weights_finite(targets: Iterable[Target]) -> None:
 
 
 def check_samples(model: ir.Model, samples: list[dict[str, np.ndarray]], source: str | None) -> None:
-    """Calibration feeds fit the model's inputs (rank, fixed sizes, element type) and are finite."""
+    """Calibration feeds fit the model's inputs (rank, fixed sizes, element type) and are finite.
+    Every sample is checked: those of a directory of .npz files each have their own shapes."""
     where = source or "the calibration data"
-    fed = samples[0] if samples else {}  # every sample is cut from the same arrays
-    for value in model.graph.inputs:
-        array = fed.get(value.name)
-        if array is None or value.shape is None:
-            continue
-        expected = [d if isinstance(d, int) else None for d in value.shape.dims]
-        if len(expected) != array.ndim or any(e is not None and e != a for e, a in zip(expected, array.shape)):
-            shown = "[" + ", ".join("?" if e is None else str(e) for e in expected) + "]"
-            raise UserError(f"{where}: input {value.name} has shape {list(array.shape)} per sample, the model takes "
-                            f"{shown}; give arrays of the model's input shape (first axis = samples)")
-        if value.dtype is not None and array.dtype != value.dtype.numpy():
-            raise UserError(f"{where}: input {value.name} is {array.dtype}, the model takes "
-                            f"{value.dtype.numpy()}; convert it (array.astype(np.{value.dtype.numpy()}))")
+    inputs = [v for v in model.graph.inputs if v.shape is not None]
     for index, sample in enumerate(samples):
+        which = f" (sample {index})" if index else ""
+        for value in inputs:
+            array = sample.get(value.name)
+            if array is None:
+                continue
+            expected = [_fixed_size(d) for d in value.shape.dims]
+            if len(expected) != array.ndim or any(e is not None and e != a for e, a in zip(expected, array.shape)):
+                shown = "[" + ", ".join("?" if e is None else str(e) for e in expected) + "]"
+                raise UserError(f"{where}: input {value.name} has shape {list(array.shape)} per sample{which}, the "
+                                f"model takes {shown}; give arrays of the model's input shape (first axis = samples)")
+            if value.dtype is not None and array.dtype != value.dtype.numpy():
+                raise UserError(f"{where}: input {value.name} is {array.dtype}{which}, the model takes "
+                                f"{value.dtype.numpy()}; convert it (array.astype(np.{value.dtype.numpy()}))")
         for name, array in sample.items():
             if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                 raise UserError(f"{where}: input {name} holds NaN/Inf values (sample {index}); "
                                 "calibrate on finite data")
+
+
+def _fixed_size(dim: int | ir.SymbolicDim) -> int | None:
+    """An input axis's required size, or None when any size is taken: a dim_param, no value, or a
+    negative dim_value (paddle2onnx writes an unknown batch as -1, as onnxruntime reads it)."""
+    return dim if isinstance(dim, int) and dim >= 0 else None
 
 
 def check_statistics(targets: list[Target], stats: dict[str, dict], method: str) -> list[str]:

@@ -27,7 +27,7 @@ def _conv(name, x, w, out, **attrs):
     return helper.make_node("Conv", [x, w], [out], name=name, **attrs)
 
 
-def detector_model() -> onnx.ModelProto:
+def detector_model(image_shape=(1, 3, 16, 16)) -> onnx.ModelProto:
     """image[1, 3, 16, 16] → stem conv (3→16) → conv → depthwise → conv, residual Add →
     two prediction convs (boxes, classes) feeding the outputs. Names say nothing about blocks."""
     inits = {"stem.w": weight((16, 3, 3, 3), 0), "a.w": weight((16, 16, 3, 3), 1), "dw.w": weight((16, 1, 3, 3), 2),
@@ -41,9 +41,10 @@ def detector_model() -> onnx.ModelProto:
              helper.make_node("Add", ["sr", "b"], ["res"], name="/res/Add"),
              _conv("/head/box/Conv", "res", "box.w", "boxes"),
              _conv("/head/cls/Conv", "res", "cls.w", "classes")]
-    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])]
-    outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 8, 8]),
-               helper.make_tensor_value_info("classes", TensorProto.FLOAT, [1, 8, 8, 8])]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(image_shape))]
+    fixed = all(isinstance(d, int) and d > 0 for d in image_shape)
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, channels, 8, 8] if fixed else ["n", channels, "h", "w"])
+               for name, channels in (("boxes", 4), ("classes", 8))]
     return make_model(nodes, inputs, outputs, inits, "detector")
 
 
@@ -170,6 +171,30 @@ def test_fidelity_feeds_a_fixed_batch_model_one_sample_at_a_time(tmp_path):
     fidelity = json.loads((tmp_path / "f.json").read_text())
     assert fidelity["samples"] == 5
     assert fidelity["outputs"]["boxes"]["cosine"] == pytest.approx(1.0)
+
+
+def _image_dir(folder: Path, shapes) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate(shapes):
+        np.savez(folder / f"{i:02d}.npz", image=rng.standard_normal(shape).astype(np.float32))
+    return folder
+
+
+def test_unknown_input_sizes_take_any_size_and_fixed_ones_are_checked_in_every_sample(tmp_path):
+    """paddle2onnx writes an unknown batch as dim_value -1 (PP-OCR's classifier takes [-1, 3, ?, ?]):
+    like a '?' or a named dim_param it takes any size, for calibration and for eval."""
+    source = save(detector_model([-1, 3, "?", "width"]), tmp_path / "model.onnx")
+    samples = _image_dir(tmp_path / "samples", [(1, 3, 16, 16), (2, 3, 8, 24), (1, 3, 12, 8)])
+    out, report_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    prune(source, out, "--method", "wanda", "--sparsity", "0.5", "--calib", str(samples), report=report_path).ok()
+    assert [t["name"] for t in json.loads(report_path.read_text())["targets"]] == ["a.w", "b.w"]
+    cli("eval", out, "--reference", source, "--inputs", samples, "-o", tmp_path / "f.json").ok()
+    assert json.loads((tmp_path / "f.json").read_text())["samples"] == 3
+    wrong = _image_dir(tmp_path / "wrong", [(1, 3, 16, 16), (1, 4, 16, 16)])  # the fixed 3 channels still count
+    line = assert_user_error(cli("apply", source, "-m", "wanda", "-s", "0.5", "--calib", wrong,
+                                 "-o", tmp_path / "o.onnx"))
+    assert "input image has shape [1, 4, 16, 16] per sample (sample 1), the model takes [?, 3, ?, ?]" in line, line
 
 
 def grouped_chain_model() -> onnx.ModelProto:
