@@ -88,7 +88,8 @@ def plan_segments(graph: ir.Graph, groups: list[list[Target]]) -> list[Segment]:
 def calibrate(model: ir.Model, groups: list[list[Target]], samples: list[Sample], needs: frozenset[str],
               prune_group: PruneGroup | None = None, providers: list[str] | None = None) -> dict[str, dict]:
     """Statistics per target name. With `prune_group`, each group is pruned (by that callback)
-    before the next group's statistics are gathered: sequential mode."""
+    before the next group's statistics are gathered (sequential mode), and its statistics are
+    dropped once pruned (kept, SparseGPT's K×K Grams would grow with the model): returns {}."""
     if not samples:
         raise UserError("no calibration samples")
     segments = plan_segments(model.graph, groups)
@@ -100,14 +101,16 @@ def calibrate(model: ir.Model, groups: list[list[Target]], samples: list[Sample]
             start = time.perf_counter()
             segment = segments[index]
             stats = _segment_statistics(model, segment, _Feeds(segment, cache, samples), needs, providers)
-            all_stats.update(stats)
             pruned_at = time.perf_counter()
-            if prune_group is not None:
+            if prune_group is None:
+                all_stats.update(stats)
+            else:
                 nodes_before = len(model.graph)
                 prune_group(segment.targets, stats)
                 if len(model.graph) != nodes_before:  # a pass added nodes (a new bias): cut the graph anew
                     segments = plan_segments(model.graph, groups)
                     segment = segments[index]
+            del stats  # not needed by the boundary run below
             prune_s = time.perf_counter() - pruned_at
             if segment.boundary:  # the next segments' inputs, computed through the pruned weights
                 feeds = _Feeds(segment, cache, samples)

@@ -24,6 +24,7 @@ from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
 from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibration_record, calibration_samples,
                                samples_record, stats_file_record)
+from onnxprune.spilled import replacement, spilling_beside
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
 from onnxprune.targets import Discovery, Target, add_bias, discover, select_targets, untouched_weights
@@ -130,9 +131,10 @@ def apply(model_path: str | Path, output_path: str | Path, options: PruneOptions
     timer = StageTimer()
     with timer.stage("load"):
         model = load_model(model_path)
-    report = prune_model(model, options, CalibrationSource(model_path, model, options.calibration, timer), timer)
-    report.input = str(resolve_model_path(model_path))
-    save_pruned(model, report, output, options.external_data)
+    with spilling_beside(output):  # pruned weights of an external-data model wait on disk for the save
+        report = prune_model(model, options, CalibrationSource(model_path, model, options.calibration, timer), timer)
+        report.input = str(resolve_model_path(model_path))
+        save_pruned(model, report, output, options.external_data)
     return report
 
 
@@ -453,7 +455,7 @@ def _write_bias(target: Target, bias: np.ndarray) -> None:
         add_bias(target, bias)
         return
     dtype = target.bias.const_value.dtype.numpy()
-    target.bias.const_value = ir.Tensor(bias.astype(dtype), name=target.bias.name)
+    target.bias.const_value = replacement(target.bias.const_value, ir.Tensor(bias.astype(dtype), name=target.bias.name))
 
 
 def stamp_provenance(model: ir.Model, method: str, pattern: str, sparsity: float, **extra: object) -> None:

@@ -29,6 +29,7 @@ from onnxprune import __version__
 from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
 from onnxprune.errors import UserError
 from onnxprune.defaults import STEM, TINY_K
+from onnxprune.spilled import replacement
 from onnxprune.targets import FLOAT_TYPES, Target, discover_targets
 from onnxprune.targets import add_bias as give_bias
 from onnxprune.targets import compile_regex
@@ -336,7 +337,7 @@ class _Editor:
 
     def set_value(self, value: ir.Value, array: np.ndarray) -> None:
         old_tensor, old_shape = value.const_value, value.shape
-        value.const_value = ir.Tensor(np.ascontiguousarray(array), name=value.name)
+        value.const_value = replacement(old_tensor, ir.Tensor(np.ascontiguousarray(array), name=value.name))
         value.shape = ir.Shape(array.shape)
         self.undo.append(lambda: (setattr(value, "const_value", old_tensor), setattr(value, "shape", old_shape)))
 

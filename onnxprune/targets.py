@@ -22,6 +22,7 @@ from onnxprune.blocks import assign_blocks, node_positions
 from onnxprune.defaults import mark_defaults
 from onnxprune.errors import UserError
 from onnxprune.layout import Layout
+from onnxprune.spilled import replacement
 from onnxprune.weight_chain import Step, constant_nodes_to_initializers, op_name, step_for
 from onnxprune.weight_ops import Consumer, WeightRule, rule_for
 
@@ -81,7 +82,7 @@ class Target:
         for step in reversed(self.chain):
             stored = step.inverse(stored)
         stored = np.ascontiguousarray(stored).astype(self.stored_dtype.numpy())
-        self.value.const_value = ir.Tensor(stored, name=self.name)
+        self.value.const_value = replacement(self.value.const_value, ir.Tensor(stored, name=self.name))
 
     def read_bias(self) -> np.ndarray | None:
         return None if self.bias is None else self.bias.const_value.numpy().astype(np.float32)
