@@ -27,7 +27,7 @@ from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibra
 from onnxprune.spilled import replacement, spilling_beside
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
-from onnxprune.targets import Discovery, Target, add_bias, discover, select_targets, untouched_weights
+from onnxprune.targets import FLOAT_TYPES, Discovery, Target, add_bias, discover, select_targets, untouched_weights
 from onnxprune.validate import (check_options, check_samples, check_statistics, check_weights_finite,
                                 check_writable, constant_warning)
 
@@ -414,7 +414,9 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
         target.write(pruned.weight)
         if pruned.bias is not None:
             _write_bias(target, pruned.bias)
-        records.append(record_of(target, pruned.weight, own_pattern, bias_changed=pruned.bias is not None))
+        # Integer codes re-round the kept weights too (a tiny one may become zero): count what is stored.
+        stored = pruned.weight if target.stored_dtype in FLOAT_TYPES else target.read()
+        records.append(record_of(target, stored, own_pattern, bias_changed=pruned.bias is not None))
     return records
 
 

@@ -1,10 +1,10 @@
-"""Weights stored quantized in forms target discovery leaves alone (it reads DequantizeLinear
-chains, MatMulInteger and FusedMatMul itself), read back in the quantized domain: a weight is
-zero where its code equals its zero point (so the dequantized value is exactly 0.0). For
-`verify`, which must see every weight after onnxruntime's optimizer and quantizers:
-- com.microsoft MatMulNBits (4-bit blockwise, `MatMulNBitsQuantizer`): B is uint8
-  [N, K/block, block*bits/8] of packed codes, low nibble first; zero points are packed the same
-  way per block, 2**(bits-1) when absent;
+"""Quantized weights read back in the quantized domain: a weight is zero where its code equals
+its zero point (so the dequantized value is exactly 0.0). For `verify`, which must see every
+weight after onnxruntime's optimizer and quantizers, including those target discovery cannot
+prune (it reads DequantizeLinear chains, MatMulInteger, FusedMatMul and MatMulNBits itself):
+- com.microsoft MatMulNBits (2/4/8-bit blockwise, `MatMulNBitsQuantizer`): B is uint8
+  [N, K/block, block*bits/8] of packed codes, low bits first; zero points are packed the same
+  way per block, 2**(bits-1) when absent (`NBitsBlocks`, shared with discovery's operand step);
 - QLinearMatMul / QLinearConv, ConvInteger and onnxruntime's fused integer ops (what its
   optimizer makes of QDQ and dynamic graphs), with an integer weight initializer and its zero point.
 """
@@ -76,31 +76,70 @@ def _integer_op(node: ir.Node) -> QuantizedWeight | None:
 
 
 def _matmul_nbits(node: ir.Node) -> QuantizedWeight | None:
+    blocks = nbits_blocks(node)
+    if isinstance(blocks, str):
+        return None
+    n, k = blocks.n, blocks.k
+    canonical = (blocks.unpack(node.inputs[1].const_value.numpy()) - blocks.zero_point[:, :, None]).reshape(n, -1)[:, :k]
+    return QuantizedWeight(node.inputs[1], node, "MatMulNBits", Layout("nk", (n, k)), canonical, "matmulnbits",
+                           bool(np.any(blocks.zero_point != 1 << (blocks.bits - 1))))
+
+
+@dataclass(frozen=True)
+class NBitsBlocks:
+    """How a MatMulNBits node packs its weight W [N, K]: K in blocks of `block` codes, each block
+    with one scale and one zero point; W = (code − zero point) · scale."""
+
+    n: int
+    k: int
+    bits: int
+    block: int
+    zero_point: np.ndarray  # [N, blocks] (int64 codes, or floats as stored)
+    scale: np.ndarray | None  # [N, blocks], None when the scales are computed
+
+    @property
+    def blocks(self) -> int:
+        return self.zero_point.shape[1]
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """uint8 bytes [N, blocks, bytes] → int64 codes [N, blocks, block]."""
+        return _unpack(packed.reshape(self.n, self.blocks, -1), self.bits)
+
+    def pack(self, codes: np.ndarray) -> np.ndarray:
+        """int64 codes [N, blocks, block] → uint8 bytes [N, blocks, bytes], the inverse of `unpack`."""
+        per_byte = 8 // self.bits
+        grouped = codes.astype(np.uint8).reshape(self.n, self.blocks, -1, per_byte)
+        return np.bitwise_or.reduce(grouped << _shifts(self.bits), axis=-1).astype(np.uint8)
+
+
+def nbits_blocks(node: ir.Node) -> NBitsBlocks | str:
+    """The packing of a MatMulNBits weight, or why it cannot be read."""
     b = node.inputs[1]
     if b is None or b.const_value is None:
-        return None
+        return "the packed weight is computed"
     bits, block = node.attributes.get_int("bits", 4), node.attributes.get_int("block_size", 32)
     n, k = node.attributes.get_int("N"), node.attributes.get_int("K")
     if bits not in (2, 4, 8):
-        return None
-    packed = b.const_value.numpy().reshape(n, -1)
-    codes = _unpack(packed, bits).reshape(n, -1)  # [N, blocks * block]
-    blocks = codes.shape[1] // block
+        return f"{bits}-bit codes"
+    blocks = -(-k // block)
     zp_value = node.inputs[3] if len(node.inputs) > 3 else None
-    if zp_value is None or zp_value.const_value is None:
+    if zp_value is None:
         zero_point = np.full((n, blocks), 1 << (bits - 1), np.int64)
+    elif zp_value.const_value is None:
+        return "the zero points are computed"
     elif zp_value.const_value.dtype == ir.DataType.UINT8:
         zero_point = _unpack(zp_value.const_value.numpy().reshape(n, -1), bits)[:, :blocks]
     else:  # float zero points: a code is zero only if it equals them exactly
         zero_point = zp_value.const_value.numpy().reshape(n, blocks)
-    canonical = (codes.reshape(n, blocks, block) - zero_point[:, :, None]).reshape(n, -1)[:, :k]
-    return QuantizedWeight(b, node, "MatMulNBits", Layout("nk", (n, k)), canonical, "matmulnbits",
-                           bool(np.any(zero_point != 1 << (bits - 1))))
+    scale = node.inputs[2].const_value if node.inputs[2] is not None else None
+    return NBitsBlocks(n, k, bits, block, zero_point, None if scale is None else scale.numpy().reshape(n, blocks))
+
+
+def _shifts(bits: int) -> np.ndarray:
+    return np.arange(8 // bits, dtype=np.uint8) * bits
 
 
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 bytes -> codes, least significant bits first, as int64."""
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    """uint8 bytes -> codes along the last axis, least significant bits first, as int64."""
+    codes = (packed[..., None] >> _shifts(bits)) & ((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], -1).astype(np.int64)

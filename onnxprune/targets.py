@@ -201,7 +201,7 @@ def _weight_use(node: ir.Node, rule: WeightRule, shape, dtype: np.dtype, chain: 
         step = rule.operand_step(node, shape, dtype)
         if isinstance(step, str):
             return _Use(node, rule, chain, None, step)
-        chain, dtype = chain + (step,), step.dtype
+        chain, shape, dtype = chain + (step,), step.shape, step.dtype
     layout = rule.layout(node, shape)
     if isinstance(layout, str):
         return _Use(node, rule, chain, None, layout)

@@ -90,9 +90,11 @@ def layer_checks(model: ir.Model, pattern: Pattern | None, include: str | None =
 
 
 def _storage(target) -> str:
-    """float, qdq (behind DequantizeLinear) or integer (an integer op's own operand)."""
+    """float, qdq (behind DequantizeLinear), matmulnbits or integer (an integer op's own operand)."""
     if any(step.op == "DequantizeLinear" for step in target.chain):
         return "qdq"
+    if any(step.op == "MatMulNBits" for step in target.chain):
+        return "matmulnbits"
     return "float" if target.stored_dtype in FLOAT_TYPES else "integer"
 
 

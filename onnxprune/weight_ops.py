@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.layout import Layout
+from onnxprune.quantized import nbits_blocks
 from onnxprune.statistics import conv_rows, conv_transpose_rows
 from onnxprune.weight_chain import Step, constant_array, op_name, to_dtype
 
@@ -267,6 +268,34 @@ def _integer_rows(zero_point_input: int, rows_of: Callable[[ir.Node, Layout], Ac
     return activation
 
 
+def _nbits_step(node: ir.Node, shape, dtype) -> Step | str:
+    """MatMulNBits' packed codes as the float W [N, K] it multiplies; written back, every block is
+    re-quantized on its own scale and zero point, so a zeroed weight is its block's zero point."""
+    blocks = nbits_blocks(node)
+    if isinstance(blocks, str):
+        return f"MatMulNBits: {blocks}"
+    if len(node.inputs) > 4 and node.inputs[4] is not None:
+        return "MatMulNBits with g_idx (act-order): blocks are not contiguous in K"
+    if blocks.scale is None or not np.issubdtype(blocks.zero_point.dtype, np.integer):
+        return "MatMulNBits with computed scales or float zero points"
+    n, k, zero = blocks.n, blocks.k, blocks.zero_point[:, :, None]
+    scale = blocks.scale[:, :, None].astype(np.float64)
+    top = (1 << blocks.bits) - 1
+
+    def forward(packed: np.ndarray) -> np.ndarray:
+        return ((blocks.unpack(packed) - zero) * scale).reshape(n, -1)[:, :k].astype(blocks.scale.dtype)
+
+    def inverse(weight: np.ndarray) -> np.ndarray:
+        padded = np.zeros((n, blocks.blocks * blocks.block))
+        padded[:, :k] = weight
+        safe = np.where(scale == 0, 1.0, scale)
+        codes = np.where(scale == 0, zero, np.rint(padded.reshape(n, blocks.blocks, -1) / safe) + zero)
+        return blocks.pack(np.clip(codes, 0, top)).reshape(shape)
+
+    key = ("MatMulNBits", blocks.bits, blocks.block, n, k, *(v.name if v is not None else "" for v in node.inputs[2:4]))
+    return Step("MatMulNBits", node, key, (n, k), blocks.scale.dtype, forward, inverse)
+
+
 RULES = [
     WeightRule("MatMul", 1, _matrix("kn"), _input_rows(0), bias_after=True),
     WeightRule("MatMul", 0, _matmul_left_layout, _input_rows(1, transpose_last=True)),  # Y = W @ X
@@ -285,9 +314,9 @@ RULES = [
                operand_step=_zero_point_step(3, axis=1)),
     WeightRule("ConvInteger", 1, _conv_layout("conv"), _refused("calibration of ConvInteger is not supported"),
                operand_step=_zero_point_step(3, axis=0)),
+    # 4-bit (2/8-bit) blockwise LLM weights: W [N, K] decoded and re-encoded by the operand step
+    WeightRule("com.microsoft.MatMulNBits", 1, _matrix("nk"), _input_rows(0), bias_input=5, operand_step=_nbits_step),
     # weights held in forms no pass can rewrite yet: listed, with the reason
-    WeightRule("com.microsoft.MatMulNBits", 1, _refused(
-        "4-bit block-quantized weight (MatMulNBits): pruning inside packed blocks is not supported"), _refused("")),
     WeightRule("QLinearMatMul", 3, _refused("QLinearMatMul weight: requantized ops are not pruned"), _refused("")),
     WeightRule("QLinearConv", 3, _refused("QLinearConv weight: requantized ops are not pruned"), _refused("")),
     WeightRule("com.microsoft.QAttention", 1, _refused("QAttention weight: quantized attention is not pruned"),

@@ -148,13 +148,39 @@ def test_recurrent_statistics_come_from_the_sequence_and_the_hidden_states(tmp_p
     assert stats["Rr"]["tokens"] == previous.shape[0]
 
 
+def test_matmul_nbits_pruned_in_its_blocks(tmp_path):
+    """A pruned 4-bit weight is its block's zero point; scales and zero points stay as they were,
+    and magnitude (which changes no kept weight) keeps every other code."""
+    model, _, source, calib = _prepare(tmp_path, forms.matmul_nbits)
+    codes, _, zero = forms.nbits_codes(forms.W)
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for method in ["magnitude", "sparsegpt"]:
+        out = tmp_path / f"{method}.onnx"
+        _apply(source, calib, out, method).ok()
+        after = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+        for key in ("scales", "zp"):
+            np.testing.assert_array_equal(after[key], before[key])
+        packed = after["Bq"]
+        assert packed.dtype == np.uint8 and packed.shape == before["Bq"].shape
+        new_codes = np.stack([packed & 15, packed >> 4], -1).reshape(codes.shape)
+        pruned = new_codes == zero[..., None]
+        assert pruned.mean() == pytest.approx(0.5, abs=0.05)
+        if method == "magnitude":
+            np.testing.assert_array_equal(new_codes[~pruned], codes[~pruned])
+        record = next(t for t in json.loads(out.with_suffix(".json").read_text())["targets"] if t["name"] == "Bq")
+        assert record["zeros"] == int(pruned.sum())  # the report counts the codes as stored
+        verified = json.loads(cli("verify", out, "--json").ok().out)
+        (layer,) = [row for row in verified["steps"][0]["layers"] if row["name"] == "Bq"]
+        assert layer["storage"] == "matmulnbits" and layer["zeros"] == int(pruned.sum())
+
+
 def test_unsupported_forms_are_listed_with_the_reason(tmp_path):
-    _, _, source, calib = _prepare(tmp_path, forms.matmul_nbits_beside_matmul)
+    _, _, source, calib = _prepare(tmp_path, forms.matmul_nbits_act_order)
     _apply(source, calib, tmp_path / "out.onnx", "magnitude").ok()
     report = json.loads((tmp_path / "out.json").read_text())
     (untouched,) = [u for u in report["untouched"] if u["name"] == "Bq"]
-    assert untouched["op"] == "com.microsoft.MatMulNBits" and "4-bit" in untouched["reason"]
-    assert any("4-bit" in note for note in report["notes"])
+    assert untouched["op"] == "com.microsoft.MatMulNBits" and "g_idx" in untouched["reason"]
+    assert any("g_idx" in note for note in report["notes"])
     inspected = cli("inspect", source, "--json").ok()
     assert [u["name"] for u in json.loads(inspected.out)["unsupported"]] == ["Bq"]
 

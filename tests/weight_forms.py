@@ -156,16 +156,45 @@ def matmul_integer():
                   inputs=[xq]), ["Wq"]
 
 
-def matmul_nbits_beside_matmul():
-    """A 4-bit MatMulNBits weight (refused with its reason) next to a plain MatMul (pruned)."""
-    blocks = K // 16
-    packed = np.random.default_rng(1).integers(0, 256, size=(N, blocks, 8), dtype=np.uint8)
-    scales = np.full(N * blocks, 0.01, np.float32)
+NBITS_BLOCK = 16
+
+
+def nbits_codes(weight_kn: np.ndarray):
+    """Asymmetric 4-bit blockwise codes of W [K, N] as MatMulNBits stores them: codes [N, blocks,
+    block], scales and zero points [N, blocks], W ≈ (code − zero point) · scale."""
+    w = weight_kn.T.reshape(N, -1, NBITS_BLOCK).astype(np.float64)
+    low, high = np.minimum(w.min(-1), 0), np.maximum(w.max(-1), 0)
+    scale = (high - low) / 15
+    zero = np.clip(np.rint(-low / scale), 0, 15).astype(np.uint8)
+    codes = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    return codes, scale.astype(np.float32), zero
+
+
+def _pack4(codes: np.ndarray) -> np.ndarray:
+    """Two 4-bit codes per byte along the last axis, low nibble first."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def matmul_nbits(act_order: bool = False):
+    """A 4-bit MatMulNBits weight with zero points next to a plain MatMul; with `act_order`, a
+    g_idx input too (GPTQ's act-order), which is refused with its reason."""
+    codes, scale, zero = nbits_codes(W)
+    blocks = codes.shape[1]
+    zero_packed = _pack4(np.pad(zero, [(0, 0), (0, blocks % 2)]))
+    inits = {"Bq": _pack4(codes), "scales": scale.reshape(-1), "zp": zero_packed.reshape(-1), "W": W}
+    inputs = ["X", "Bq", "scales", "zp"]
+    if act_order:
+        inits["g_idx"] = np.arange(K, dtype=np.int32) // NBITS_BLOCK
+        inputs.append("g_idx")
     hidden = helper.make_tensor_value_info("H", TensorProto.FLOAT, [BATCH, SEQ, N])
-    nodes = [helper.make_node("MatMulNBits", ["X", "Bq", "scales"], ["H"], name="/layers.0/fc/MatMulNBits",
-                              domain=MS, K=K, N=N, bits=4, block_size=16),
+    nodes = [helper.make_node("MatMulNBits", inputs, ["H"], name="/layers.0/fc/MatMulNBits",
+                              domain=MS, K=K, N=N, bits=4, block_size=NBITS_BLOCK),
              helper.make_node("MatMul", ["X", "W"], ["Y"], name="/layers.1/fc/MatMul")]
-    return _model(nodes, {"Bq": packed, "scales": scales, "W": W}, outputs=[Y_INFO, hidden], contrib=True), ["W"]
+    return _model(nodes, inits, outputs=[Y_INFO, hidden], contrib=True), ["W"] if act_order else ["Bq", "W"]
+
+
+def matmul_nbits_act_order():
+    return matmul_nbits(act_order=True)
 
 
 # ------------------------------------------------------------------------------ other ops
@@ -220,7 +249,7 @@ def if_branches():
     return _model(nodes, {"W": W, "W2": weight((N, N), 7)}, inputs=[X_INFO, cond]), ["W", "W_inner", "W2"]
 
 
-OTHER = [qdq_per_channel, qdq_per_tensor, cast_mul_int8, matmul_integer, matmul_nbits_beside_matmul, lstm, gru,
+OTHER = [qdq_per_channel, qdq_per_tensor, cast_mul_int8, matmul_integer, matmul_nbits, lstm, gru,
          fused_attention, if_branches]
 
 
