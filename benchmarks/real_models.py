@@ -8,10 +8,10 @@ dense model on held-out inputs (`onnxprune eval --reference`). Writes results.js
 
     python benchmarks/real_models.py -o bench-real [--models det,rec,cls,vad,yolo] [--methods wanda,sparsegpt,mama]
 
-Models whose package is absent are skipped. paddle2onnx exports keep their weights in Constant
-nodes: where this onnxprune finds no weights in a model, the script converts its Constants to
-initializers first (`prepared_model`). Coverage is the share of the learned convolution
-parameters (fixed transforms such as silero's STFT basis excluded) that the default selection prunes.
+Models whose package is absent are skipped. Each model is pruned as shipped (paddle2onnx exports
+keep their weights in Constant nodes, which onnxprune reads). Coverage is the share of the learned
+convolution parameters (fixed transforms such as silero's STFT basis excluded) that the default
+selection prunes.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 PATTERNS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"]}
 CALIBRATION_SAMPLES = 8
@@ -131,36 +129,6 @@ MODELS = {
 }
 
 
-def constants_to_initializers(source: Path, dest: Path) -> Path:
-    """The model with every float Constant of rank ≥ 1 turned into an initializer of the same name."""
-    model = onnx.load(str(source))
-    kept = []
-    for node in model.graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            array = numpy_helper.to_array(node.attribute[0].t)
-            if array.dtype.kind == "f" and array.ndim >= 1:
-                model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
-                continue
-        kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    onnx.save(model, str(dest))
-    return dest
-
-
-def prepared_model(key: str, source: Path, folder: Path) -> Path:
-    """The model as onnxprune takes it: as shipped, or, where this onnxprune finds no weights (a
-    paddle2onnx export keeping them in Constant nodes), with those Constants made initializers."""
-    import onnx_ir as ir
-
-    from onnxprune.targets import discover_targets
-
-    if discover_targets(ir.load(str(source))):
-        return source
-    folder.mkdir(parents=True, exist_ok=True)
-    return constants_to_initializers(source, folder / f"{key}-initializers.onnx")
-
-
 def learned_conv_params(path: Path) -> int:
     """Parameters of the Conv / ConvTranspose weights that onnxprune finds, less the fixed
     signal-processing transforms (an STFT basis is maths, not a learned convolution)."""
@@ -194,15 +162,14 @@ def main() -> None:
             continue
         folder = out / key
         folder.mkdir(exist_ok=True)
-        model = prepared_model(key, source, folder)
         calib = save_samples(folder / "calib", model_inputs(key, CALIBRATION_SAMPLES, seed=0))
         held_out = model_inputs(key, HELD_OUT_SAMPLES, seed=1000)
         held_out_dir = save_samples(folder / "held_out", held_out)
-        total = learned_conv_params(model)
+        total = learned_conv_params(source)
         for method in args.methods.split(","):
             for pattern in args.patterns.split(","):
                 pruned, report = folder / f"{method}-{pattern.replace(':', 'of')}.onnx", folder / f"{method}-{pattern.replace(':', 'of')}.json"
-                run = onnxprune("apply", str(model), "-m", method, *PATTERNS[pattern], "--calib", str(calib),
+                run = onnxprune("apply", str(source), "-m", method, *PATTERNS[pattern], "--calib", str(calib),
                                 "-o", str(pruned), "--report", str(report))
                 row = {"model": label, "key": key, "method": method, "pattern": pattern, "rc": run.returncode,
                        "conv_params": total}
@@ -213,7 +180,7 @@ def main() -> None:
                     row["sparsity"] = data["totals"]["sparsity"]
                     row["left_dense"] = len(data["skipped"])
                     fidelity = folder / f"{method}-{pattern.replace(':', 'of')}.fidelity.json"
-                    evaluation = onnxprune("eval", str(pruned), "--reference", str(model), "--inputs", str(held_out_dir),
+                    evaluation = onnxprune("eval", str(pruned), "--reference", str(source), "--inputs", str(held_out_dir),
                                            "-o", str(fidelity))
                     if evaluation.returncode == 0:
                         outputs = json.loads(fidelity.read_text())["outputs"]

@@ -7,8 +7,10 @@ Everything else (CNNs, detectors, audio models): every learned convolution / lin
   - the prediction layers: those whose output reaches a graph output without another weight,
   - fixed signal-processing transforms: an STFT / DFT basis or a mel filterbank stored as a weight,
     on the input side of the model (they are maths, not learned),
-  - depthwise convolutions (one small filter per channel: few parameters; N:M impossible) and
-    tiny layers (fewer than TINY_K weights per output).
+  - tiny layers (fewer than TINY_K weights per output), such as 3×3 depthwise convolutions (K = 9).
+A depthwise conv with a larger kernel (5×5: K = 25 per channel) is a learned layer like any other:
+calibrated methods prune it per channel (statistics per group); at N:M it is left dense and listed,
+as every layer whose input channels per group (here 1) cannot hold the pattern.
 Every weight left out gets its reason in `default_reason`, which `inspect` and the report show.
 """
 
@@ -38,9 +40,6 @@ def mark_defaults(graph: ir.Graph, targets: list[Target], named_blocks: bool) ->
         k = target.layout.in_features
         if id(target) in transforms:
             target.default_reason = transforms[id(target)]
-        elif _is_depthwise(target):
-            target.default_reason = (f"depthwise convolution (one filter of K={k} weights per channel: few "
-                                     "parameters, each one matters, and N:M cannot run along one input channel)")
         elif k < TINY_K:
             target.default_reason = f"tiny layer (K={k} < {TINY_K} weights per output: few parameters, each one matters)"
         elif named_blocks:
@@ -154,7 +153,3 @@ def _is_stem(target: Target, upstream: set[int], transforms: dict[int, str]) -> 
     """A convolution on the raw input: nothing learned before it, and few input channels."""
     return (target.layout.is_conv and upstream <= set(transforms)
             and target.layout.nm_group_extent <= STEM_MAX_CHANNELS)
-
-
-def _is_depthwise(target: Target) -> bool:
-    return target.layout.is_conv and target.layout.groups > 1 and target.layout.nm_group_extent == 1

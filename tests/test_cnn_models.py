@@ -48,14 +48,46 @@ def detector_model(image_shape=(1, 3, 16, 16)) -> onnx.ModelProto:
     return make_model(nodes, inputs, outputs, inits, "detector")
 
 
-def test_cnn_default_selection_leaves_stem_heads_and_depthwise_with_reasons():
+def test_cnn_default_selection_leaves_stem_heads_and_tiny_layers_with_reasons():
     targets = discover_targets(ir.serde.deserialize_model(detector_model()))
     reasons = {t.node_name: t.default_reason for t in targets}
     assert "stem" in reasons["/stem/Conv"] and "3 input channels" in reasons["/stem/Conv"]
     assert "prediction layer" in reasons["/head/box/Conv"] and "prediction layer" in reasons["/head/cls/Conv"]
-    assert "depthwise" in reasons["/dw/Conv"]
+    assert reasons["/dw/Conv"].startswith("tiny layer (K=9 < 16")  # a 3×3 depthwise filter
     assert reasons["/a/Conv"] is None and reasons["/b/Conv"] is None
     assert [t.node_name for t in select_targets(targets)] == ["/a/Conv", "/b/Conv"]
+
+
+def _depthwise_5x5_model() -> onnx.ModelProto:
+    """x[1, 16, 12, 12] → conv (16→32) → Relu → 5×5 depthwise (K = 25 per channel) → conv (32→16) → y."""
+    inits = {"a.w": weight((32, 16, 3, 3), 0), "dw.w": weight((32, 1, 5, 5), 1), "b.w": weight((16, 32, 1, 1), 2)}
+    nodes = [_conv("/a/Conv", "x", "a.w", "a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"], name="/a/Relu"),
+             _conv("/dw/Conv", "ar", "dw.w", "d", pads=[2, 2, 2, 2], group=32),
+             _conv("/b/Conv", "d", "b.w", "y")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 12, 12])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 12, 12])], inits, "dw5")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "mama"])
+def test_a_5x5_depthwise_conv_is_selected_by_default_and_pruned_per_channel(tmp_path, method):
+    """MobileNetV3's 5×5 depthwise convs (PP-OCR's classifier: 17% of its conv parameters) are learned
+    layers: selected, each channel's 25 weights pruned at 50%; at 2:4 (1 input channel per group)
+    left dense and listed."""
+    source = save(_depthwise_5x5_model(), tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((4, 16, 12, 12)).astype(np.float32))
+    out, report_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    prune(source, out, "--method", method, "--sparsity", "0.5", "--calib", str(tmp_path / "calib.npz"),
+          report=report_path).ok()
+    assert {t["name"] for t in json.loads(report_path.read_text())["targets"]} == {"a.w", "dw.w"}  # b.w: the prediction layer
+    dw = numpy_helper.to_array(next(t for t in onnx.load(str(out)).graph.initializer if t.name == "dw.w"))
+    assert ((dw.reshape(32, 25) == 0).sum(axis=1) >= 12).all()  # ⌊25·0.5⌋ of every channel's filter
+    assert_runs_like(out, source)
+    prune(source, tmp_path / "nm.onnx", "--method", method, "--pattern", "2:4", "--calib", str(tmp_path / "calib.npz"),
+          report=report_path).ok()
+    report = json.loads(report_path.read_text())
+    assert [t["name"] for t in report["targets"]] == ["a.w"]
+    assert [(s["name"], s["reason"]) for s in report["skipped"]] == [("dw.w", "input channels=1 is not divisible by M=4")]
 
 
 def stft_basis(frame: int = 64) -> np.ndarray:
@@ -241,7 +273,8 @@ def _package_file(package: str, relative: str) -> Path | None:
 
 
 REAL = {"yolo": ("nudenet", "320n.onnx"), "vad": ("silero_vad", "data/silero_vad_16k_op15.onnx"),
-        "cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx")}
+        **{key: ("rapidocr_onnxruntime", f"models/{name}.onnx") for key, name in  # paddle2onnx: Constant-node weights
+           (("cls", "ch_ppocr_mobile_v2.0_cls_infer"), ("det", "ch_PP-OCRv4_det_infer"), ("rec", "ch_PP-OCRv4_rec_infer"))}}
 
 
 @pytest.mark.slow
@@ -254,13 +287,12 @@ def test_real_models_prune_ninety_percent_of_their_learned_convolutions(tmp_path
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import real_models
 
-    model = real_models.prepared_model(key, source, tmp_path)
     calib = real_models.save_samples(tmp_path / "calib", real_models.model_inputs(key, 2, seed=0))
     report_path = tmp_path / "report.json"
-    prune(model, tmp_path / "pruned.onnx", "--method", method, "--sparsity", "0.5", "--calib", str(calib),
+    prune(source, tmp_path / "pruned.onnx", "--method", method, "--sparsity", "0.5", "--calib", str(calib),
           report=report_path).ok()
     report = json.loads(report_path.read_text())
-    learned = real_models.learned_conv_params(model)
+    learned = real_models.learned_conv_params(source)
     pruned = sum(t["params"] for t in report["targets"] if "Conv" in t["op"])
     assert pruned >= 0.9 * learned, (pruned, learned)
     assert_runs_like_inputs = real_models.model_inputs(key, 1, seed=5)[0]
@@ -310,9 +342,9 @@ def test_tiny_hf_vision_models_are_pruned_by_every_calibrated_method(hf_vision, 
     selected = {t.name for t in select_targets(targets)}
     assert {t["name"] for t in report["targets"]} == selected and not report["skipped"]
     # HF names the blocks (`stages.N/layers.N`), so the block rule applies: every conv inside them is
-    # pruned but depthwise filters (one per channel) and tiny layers; outside (stem, final 1×1) stay.
+    # pruned but tiny layers (MobileNetV2's 3×3 depthwise filters, K = 9); outside (stem, final 1×1) stay.
     left = {t.node_name: t.default_reason for t in targets if t.layout.is_conv and t.name not in selected}
-    assert all(reason.startswith(("outside the repeated blocks", "depthwise", "tiny")) for reason in left.values()), left
+    assert all(reason.startswith(("outside the repeated blocks", "tiny")) for reason in left.values()), left
     assert all(t.block is None for t in targets if t.layout.is_conv and t.node_name in left
                and left[t.node_name].startswith("outside"))
     images = {"pixel_values": np.load(calib)["pixel_values"][:2]}
