@@ -189,7 +189,7 @@ def test_unsupported_forms_are_listed_with_the_reason(tmp_path):
 
 def _lm_configs():
     from transformers import (DistilBertConfig, GemmaConfig, GPTNeoXConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              RobertaConfig)
+                              RobertaConfig, T5Config, ViTConfig, WhisperConfig)
 
     from conftest import VOCAB, _hf_configs
 
@@ -204,10 +204,26 @@ def _lm_configs():
             "gpt-neox": ("AutoModelForCausalLM", GPTNeoXConfig(**common)),
             "roberta": ("AutoModel", RobertaConfig(**{**common, "max_position_embeddings": 66})),
             "distilbert": ("AutoModel", DistilBertConfig(vocab_size=VOCAB, n_layers=2, n_heads=4, dim=32,
-                                                         hidden_dim=64, max_position_embeddings=64))}
+                                                         hidden_dim=64, max_position_embeddings=64)),
+            "vit": ("AutoModel", ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, image_size=VIT_IMAGE, patch_size=8)),
+            # optimum's dummy input is 3000 mel frames, so the encoder must take 2 × 1500 positions
+            "whisper": ("AutoModelForSpeechSeq2Seq", WhisperConfig(
+                vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                max_source_positions=1500, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                decoder_start_token_id=1)),
+            "t5": ("AutoModelForSeq2SeqLM", T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                     num_heads=4, decoder_start_token_id=0))}
+
+
+VIT_IMAGE = 32
+# Seq2seq models export an encoder and a decoder; these rows prune the encoder.
+ENCODER_ROWS = {"whisper-encoder": "automatic-speech-recognition", "t5-encoder": "text2text-generation"}
 
 
 LM_ROWS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "gpt-neox", "opt", "bert", "roberta", "distilbert",
+           "vit", "whisper-encoder", "t5-encoder",
            "llama-with-past", "llama-merged-decoder", "llama-fp16", "bert-ort-optimized"]
 
 
@@ -232,7 +248,7 @@ def _export_row(row: str, tmp_path_factory):
 
     from onnxprune.exporters.hf import export_hf
 
-    arch = row.split("-with-past")[0].split("-merged")[0].split("-fp16")[0].split("-ort")[0]
+    arch = row.split("-with-past")[0].split("-merged")[0].split("-fp16")[0].split("-ort")[0].split("-encoder")[0]
     root = tmp_path_factory.mktemp(f"lm-{row}")
     model_cls, config = _lm_configs()[arch]
     if isinstance(model_cls, str):
@@ -245,7 +261,10 @@ def _export_row(row: str, tmp_path_factory):
         warnings.simplefilter("ignore")
         build(config).eval().save_pretrained(root / "hf")
         dtype = "fp16" if row.endswith("fp16") else "fp32"
-        path = export_hf(str(root / "hf"), root / "onnx", with_past="past" in row or "merged" in row, dtype=dtype)
+        path = export_hf(str(root / "hf"), root / "onnx", task=ENCODER_ROWS.get(row, "auto"),
+                         with_past="past" in row or "merged" in row, dtype=dtype)
+    if row in ENCODER_ROWS:
+        path = path.parent / "encoder_model.onnx"
     if row.endswith("merged-decoder"):  # optimum's merged form: an If on use_cache_branch, branches share weights
         from optimum.onnx import merge_decoders
 
@@ -266,7 +285,8 @@ def _lm_feeds(path, samples: int) -> dict[str, np.ndarray]:
     """Stacked feeds (first axis = samples, each one batch of 8 tokens after 3 cached ones)."""
     rng = np.random.default_rng(0)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    sizes = {"sequence_length": 8, "past_sequence_length": 3, "past_sequence_length + sequence_length": 11}
+    sizes = {"sequence_length": 8, "past_sequence_length": 3, "past_sequence_length + sequence_length": 11,
+             "num_channels": 3, "height": VIT_IMAGE, "width": VIT_IMAGE}
     feeds = {}
     for arg in session.get_inputs():
         shape = [samples] + [d if isinstance(d, int) else sizes.get(d, 8) for d in arg.shape[1:]]
