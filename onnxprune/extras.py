@@ -42,16 +42,3 @@ def is_available(module: str) -> bool:
         return False
     return True
 
-
-class LazyModule:
-    """Stands for a module imported on first attribute use, so a module-level `torch = LazyModule(...)`
-    costs nothing for the commands that never touch it."""
-
-    def __init__(self, module: str, purpose: str) -> None:
-        self._module = module
-        self._purpose = purpose
-
-    def __getattr__(self, attribute: str):
-        value = getattr(require(self._module, self._purpose), attribute)
-        setattr(self, attribute, value)  # later uses skip __getattr__
-        return value

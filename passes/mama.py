@@ -13,9 +13,9 @@ centred covariance XᵀX/n − μμᵀ and `b += w_P·μ_P − δ·μ_K` takes t
 contribution: jointly optimal in (δ, b). Without a bias C = XᵀX/n, so δ must carry the mean too.
 λ = damp·mean(diag C). All rows are solved together on the Jacobi-scaled system: by batched
 Cholesky of each row's kept block when those are small enough, else by conjugate gradients (one
-[rows, K] @ [K, K] float32 matmul per iteration). `data_free` chooses the
-mask from |W| alone (no activation norms); the move still needs the statistics, since without them
-the only neutral assumption C = I has C_KP = 0 and moves nothing.
+[rows, K] @ [K, K] float32 matmul per iteration), on numpy or torch (onnxprune.array_backend).
+`data_free` chooses the mask from |W| alone (no activation norms); the move still needs the
+statistics, since without them the only neutral assumption C = I has C_KP = 0 and moves nothing.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import warnings
 
 import numpy as np
 
-from onnxprune.extras import LazyModule
+from onnxprune.array_backend import backend
 from onnxprune.passes.base import Layer, Pruned
 from onnxprune.passes.registry import register
 from onnxprune.passes.wanda import Wanda
 from onnxprune.patterns import Pattern, select_lowest
-
-torch = LazyModule("torch", "mama")  # imported on first use: the core install has no torch
 
 
 @register
@@ -44,10 +42,11 @@ class Mama(Wanda):
     max_iter = 300  # ~20-50 are needed on heavy-tailed, correlated inputs
     direct_max_kept = 2048  # exact batched Cholesky up to this many kept inputs per row, else CG
 
-    def __init__(self, damp: float | None = None, data_free: bool = False):
+    def __init__(self, damp: float | None = None, data_free: bool = False, backend: str | None = None):
         if damp is not None:
             self.damp = damp
         self.data_free = data_free
+        self.backend_name = backend  # numpy or torch; None: torch when installed
         self.last_solve: dict[str, float] = {}  # iterations and residual of the latest `move`
 
     def score(self, layer: Layer) -> np.ndarray:
@@ -79,69 +78,70 @@ class Mama(Wanda):
         outlier channels no longer dominate the conditioning. Since `removed` is zero on K the
         right-hand side is (removed @ (C + λI))_K, i.e. (u @ Ĉ)_K with u = removed / S.
         """
+        xp = backend(self.backend_name, self.name)
         lam = self.damp * float(np.mean(np.diag(cov)))
         damped = cov + lam * np.eye(len(cov))
         diag = np.diag(damped).copy()
         diag[diag <= 0] = 1.0  # dead inputs (only reachable with damp = 0): nothing to scale
         scale = 1.0 / np.sqrt(diag)
-        system = torch.from_numpy((scale[:, None] * damped * scale[None, :]).astype(np.float32))
-        kept = torch.from_numpy(keep.astype(np.float32))
-        rhs = (torch.from_numpy((removed / scale).astype(np.float32)) @ system) * kept
+        system = xp.asarray(scale[:, None] * damped * scale[None, :])
+        kept = xp.asarray(keep)
+        rhs = (xp.asarray(removed / scale) @ system) * kept
         kept_per_row = keep.sum(axis=1)
+        x = None
         if kept_per_row.min() == kept_per_row.max() and kept_per_row[0] <= self.direct_max_kept:
-            x = self._batched_cholesky(system, torch.from_numpy(keep), rhs)
-        else:
-            x = self._masked_cg(system, kept, rhs)
-        return x.double().numpy() * scale
+            x = self._batched_cholesky(xp, system, keep, rhs)
+        if x is None:  # uneven rows, large blocks, or a float32 breakdown on a near-singular block
+            x = self._masked_cg(xp, system, kept, rhs)
+        return xp.to_numpy(x).astype(np.float64) * scale
 
-    def _batched_cholesky(self, system: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    def _batched_cholesky(self, xp, system, keep: np.ndarray, rhs):
         """Exact solves, a chunk of rows at a time: every row keeps the same number k of inputs
         (per-output and N:M masks), so its k×k sub-block of `system` batches with the others.
-        Costs rows·k³/3 flops: below CG's iterations·2·rows·K² for k up to a few thousand."""
+        Costs rows·k³/3 flops: below CG's iterations·2·rows·K² for k up to a few thousand.
+        None when a block is not positive definite in float32 (CG copes with those)."""
         rows, k = keep.shape[0], int(keep[0].sum())
-        index = keep.nonzero()[:, 1].reshape(rows, k)
-        x = torch.zeros_like(rhs)
+        index = np.nonzero(keep)[1].reshape(rows, k)
+        x = xp.zeros_like(rhs)
         chunk = max(1, (64 << 20) // (4 * k * k))  # ~64 MB of sub-blocks at a time
         for start in range(0, rows, chunk):
-            idx = index[start:start + chunk]
-            blocks = system[idx[:, :, None], idx[:, None, :]]
-            factor, info = torch.linalg.cholesky_ex(blocks)
-            if bool((info != 0).any()):  # float32 breakdown on a near-singular block: CG copes
-                return self._masked_cg(system, keep.float(), rhs)
-            solved = torch.cholesky_solve(torch.gather(rhs[start:start + chunk], 1, idx)[..., None], factor)
-            x[start:start + chunk].scatter_(1, idx, solved[..., 0])
+            rows_of = xp.index(np.arange(start, min(start + chunk, rows)))[:, None]
+            idx = xp.index(index[start:start + chunk])
+            solved = xp.spd_solve(system[idx[:, :, None], idx[:, None, :]], rhs[rows_of, idx])
+            if solved is None:
+                return None
+            x[rows_of, idx] = solved
         self.last_solve = {"iterations": 0, "residual": 0.0}
         return x
 
-    def _masked_cg(self, system: torch.Tensor, kept: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    def _masked_cg(self, xp, system, kept, rhs):
         """Conjugate gradients for all rows at once on the kept sub-blocks of `system`.
 
         Every iterate lowers each row's output error below the previous one (CG minimises the
         quadratic over growing Krylov spaces from δ = 0), so stopping early is safe.
         """
-        x = torch.zeros_like(rhs)
-        r = rhs.clone()
-        p = r.clone()
+        x = xp.zeros_like(rhs)
+        r = xp.copy(rhs)
+        p = xp.copy(r)
         rr = (r * r).sum(1)
-        target = self.tol * rr.sqrt()
+        target = self.tol * rr**0.5
         iterations = 0
-        while iterations < self.max_iter and bool((rr.sqrt() > target).any()):
+        while iterations < self.max_iter and bool((rr**0.5 > target).any()):
             iterations += 1
             q = (p @ system) * kept
-            pq = (p * q).sum(1)
-            alpha = torch.where(pq > 0, rr / pq, torch.zeros_like(rr))  # rows with nothing to move: p = 0
+            alpha = xp.ratio(rr, (p * q).sum(1))  # rows with nothing to move: p = 0
             x += alpha[:, None] * p
             r -= alpha[:, None] * q
             rr_next = (r * r).sum(1)
-            beta = torch.where(rr > 0, rr_next / rr, torch.zeros_like(rr))
-            p = r + beta[:, None] * p
+            p = r + xp.ratio(rr_next, rr)[:, None] * p
             rr = rr_next
-        bad = ~torch.isfinite(x).all(1)
+        bad = ~xp.isfinite(x).all(1)
         x[bad] = 0.0  # numerical breakdown: those rows are left as the plain Wanda mask
         # The true residual (float32 recurrences drift from it), relative, worst row.
-        true = (((rhs - (x @ system) * kept).norm(dim=1)) / rhs.norm(dim=1).clamp_min(1e-30)).max()
-        self.last_solve = {"iterations": iterations, "residual": float(true)}
-        if bool((rr.sqrt() > target).any()) or bad.any():
+        residual = rhs - (x @ system) * kept
+        true = float(xp.ratio((residual * residual).sum(1) ** 0.5, (rhs * rhs).sum(1) ** 0.5).max())
+        self.last_solve = {"iterations": iterations, "residual": true}
+        if bool((rr**0.5 > target).any()) or bool(bad.any()):
             warnings.warn(f"mama: conjugate gradients stopped after {iterations} iterations at relative "
-                          f"residual {float(true):.1e} ({int(bad.sum())} rows reset to no move)", stacklevel=3)
+                          f"residual {true:.1e} ({int(bad.sum())} rows reset to no move)", stacklevel=3)
         return x

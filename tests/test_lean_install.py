@@ -1,5 +1,6 @@
-"""The core install (no torch, transformers, datasets, matplotlib) prunes, inspects and emits a CNN;
-commands that need an extra say which one in one `error:` line."""
+"""The core install (no torch, transformers, datasets, matplotlib) prunes, inspects and emits a CNN,
+SparseGPT and MAMA included (their solves run on numpy); commands that need an extra say which one
+in one `error:` line."""
 
 from __future__ import annotations
 
@@ -83,3 +84,28 @@ def test_core_install_prunes_a_cnn_without_optional_packages(tmp_path):
     assert export["code"] == 2 and export["out"] == ""
     assert export["err"] == "error: export needs the [hf] extra: pip install 'onnxprune[hf]'\n"
     assert not (tmp_path / "exported").exists()
+
+
+def test_core_install_runs_sparsegpt_and_mama_on_numpy(tmp_path):
+    model = save(conv_model(16), tmp_path / "cnn.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, X=np.random.default_rng(0).standard_normal((8, 16, 8, 8)).astype(np.float32))
+    outputs = {run: tmp_path / f"{run}.onnx" for run in ("sparsegpt50", "sparsegpt24", "mama50", "mama24")}
+    results, imported = run_lean(*[
+        ["apply", model, "-m", run[:-2], "-p", "2:4" if run.endswith("24") else "unstructured", "-s", "0.5",
+         "--calib", calib, "-o", out] for run, out in outputs.items()])
+    for result in results:
+        assert result["code"] == 0, result
+    assert imported == []  # no torch, not even partly
+
+    dense = initializers(model)
+    for run, out in outputs.items():
+        weights = initializers(out)
+        for name in ("layers.0.conv.weight", "layers.1.conv.weight"):
+            w = weights[name]
+            if run.endswith("24"):
+                assert ((w.transpose(0, 2, 3, 1).reshape(-1, 4) == 0).sum(axis=1) == 2).all(), (run, name)
+            else:
+                assert np.count_nonzero(w == 0) >= w.size // 2, (run, name)
+            kept = w != 0
+            assert not np.array_equal(w[kept], dense[name][kept]), (run, name)  # the solves moved the kept weights

@@ -145,12 +145,13 @@ def test_wanda_mask_matches_definition(label):
 CASES = [(64, 128, ()), (200, 128, ()), (200, 128, (7,)), (96, 32, (0, 50))]
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("label", list(PATTERNS))
 @pytest.mark.parametrize("k,blocksize,dead", CASES)
-def test_sparsegpt_matches_reference(label, k, blocksize, dead):
+def test_sparsegpt_matches_reference(label, k, blocksize, dead, backend):
     x, w = activations(512, k, seed=k + len(dead), dead=dead), weights(48, k, seed=k)
     pattern = PATTERNS[label]
-    got = run_pass("sparsegpt", w, x, pattern, blocksize=blocksize)
+    got = run_pass("sparsegpt", w, x, pattern, blocksize=blocksize, backend=backend)
     expected = sparsegpt_reference(w, x, pattern, blocksize=blocksize)
     np.testing.assert_array_equal(got == 0, expected == 0)
     assert np.linalg.norm(got - expected) / np.linalg.norm(w) < 1e-4

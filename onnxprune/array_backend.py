@@ -1,0 +1,166 @@
+"""Where the solver passes (SparseGPT, MAMA) compute: numpy, which the core install has, or torch
+when it is installed (on a device of its own, later). Each algorithm is written once against a
+backend: arithmetic, slicing, boolean and integer indexing and `@` on its arrays are spelled alike by
+both libraries, and the few operations they spell differently are the methods below.
+
+Every array a backend makes is float32 (or bool/int64 for masks and indices) and its own copy, so
+an algorithm may update it in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.extras import is_available, require
+
+
+class NumpyBackend:
+    name = "numpy"
+    on_cpu = True
+
+    def asarray(self, values: np.ndarray) -> np.ndarray:
+        return np.array(values, dtype=np.float32)
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        return x.copy()
+
+    def zeros_like(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros_like(x)
+
+    def false_like(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros(x.shape, dtype=bool)
+
+    def diag(self, x: np.ndarray) -> np.ndarray:
+        return np.diag(x).copy()  # numpy's is a read-only view
+
+    def where(self, condition: np.ndarray, a, b) -> np.ndarray:
+        return np.where(condition, a, b)
+
+    def isfinite(self, x: np.ndarray) -> np.ndarray:
+        return np.isfinite(x)
+
+    def ratio(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a / b where b > 0, else 0 (without dividing by zero)."""
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    def kth_smallest(self, x: np.ndarray, k: int) -> float:
+        """The value at index k of all of x's entries sorted ascending."""
+        return float(np.partition(x.ravel(), k)[k])
+
+    def lowest_of_columns(self, x: np.ndarray, n: int) -> np.ndarray:
+        """Boolean mask of x's shape: True at the n lowest entries of every column."""
+        mask = np.zeros(x.shape, dtype=bool)
+        np.put_along_axis(mask, np.argpartition(x, n - 1, axis=0)[:n], True, axis=0)
+        return mask
+
+    def inverse_cholesky_upper(self, a: np.ndarray) -> np.ndarray | None:
+        """Upper U with UᵀU = a⁻¹, or None when a is not positive definite in float32.
+        numpy has neither a Cholesky inverse nor a triangular one: one LU inverse of `a` took the
+        time of factoring, inverting the factor as a general matrix and multiplying."""
+        try:
+            return np.linalg.cholesky(np.linalg.inv(a), upper=True)
+        except np.linalg.LinAlgError:
+            return None
+
+    def spd_solve(self, blocks: np.ndarray, rhs: np.ndarray) -> np.ndarray | None:
+        """x with blocks @ x = rhs for a batch of symmetric positive definite blocks [b, k, k] and
+        right-hand sides [b, k], or None when a block is not positive definite in float32."""
+        try:
+            factor = np.linalg.cholesky(blocks)
+        except np.linalg.LinAlgError:
+            return None
+        # L y = rhs, then Lᵀ x = y, one unknown at a time for the whole batch: numpy has no
+        # triangular solve, and np.linalg.solve's LU on the blocks made a 768x768 MAMA 1.5x slower
+        # (5.1-6.6 s instead of 7.9-9.0 s on one BLAS thread).
+        y = np.empty_like(rhs)
+        for j in range(rhs.shape[1]):
+            y[:, j] = (rhs[:, j] - np.einsum("bi,bi->b", factor[:, j, :j], y[:, :j])) / factor[:, j, j]
+        x = np.empty_like(rhs)
+        for j in reversed(range(rhs.shape[1])):
+            x[:, j] = (y[:, j] - np.einsum("bi,bi->b", factor[:, j + 1:, j], x[:, j + 1:])) / factor[:, j, j]
+        return x
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str = "cpu", purpose: str = "the torch backend") -> None:
+        self.torch = require("torch", purpose)
+        self.device = self.torch.device(device)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def asarray(self, values: np.ndarray):
+        return self.torch.tensor(np.asarray(values, dtype=np.float32), device=self.device)
+
+    def index(self, values: np.ndarray):
+        return self.torch.tensor(np.asarray(values, dtype=np.int64), device=self.device)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return x.cpu().numpy()
+
+    def copy(self, x):
+        return x.clone()
+
+    def zeros_like(self, x):
+        return self.torch.zeros_like(x)
+
+    def false_like(self, x):
+        return self.torch.zeros_like(x, dtype=self.torch.bool)
+
+    def diag(self, x):
+        return self.torch.diag(x)
+
+    def where(self, condition, a, b):
+        return self.torch.where(condition, a, b)
+
+    def isfinite(self, x):
+        return self.torch.isfinite(x)
+
+    def ratio(self, a, b):
+        return self.torch.where(b > 0, a / b, self.torch.zeros_like(a))
+
+    def kth_smallest(self, x, k: int) -> float:
+        return float(self.torch.kthvalue(x.flatten(), k + 1).values)
+
+    def lowest_of_columns(self, x, n: int):
+        lowest = self.torch.topk(x, n, dim=0, largest=False).indices
+        return self.false_like(x).scatter_(0, lowest, True)
+
+    def inverse_cholesky_upper(self, a):
+        linalg = self.torch.linalg
+        factor, info = linalg.cholesky_ex(a)
+        if info != 0:
+            return None
+        upper, info = linalg.cholesky_ex(self.torch.cholesky_inverse(factor), upper=True)
+        return None if info != 0 else upper
+
+    def spd_solve(self, blocks, rhs):
+        factor, info = self.torch.linalg.cholesky_ex(blocks)
+        if bool((info != 0).any()):
+            return None
+        return self.torch.cholesky_solve(rhs[..., None], factor)[..., 0]
+
+
+Backend = NumpyBackend | TorchBackend
+BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend}
+NUMPY = NumpyBackend()
+
+
+def backend(name: str | None = None, purpose: str = "the torch backend") -> Backend:
+    """The backend called `name`; by default torch when it is installed, else numpy."""
+    if name is None:
+        name = "torch" if is_available("torch") else "numpy"
+    if name == "torch":
+        return TorchBackend(purpose=purpose)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown array backend {name!r}; available: {', '.join(BACKENDS)}")
+    return NUMPY
