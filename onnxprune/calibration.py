@@ -55,7 +55,7 @@ def group_by_block(targets: list[Target]) -> list[list[Target]]:
 def plan_segments(graph: ir.Graph, groups: list[list[Target]]) -> list[Segment]:
     nodes = list(graph)
     position = {node: index for index, node in enumerate(nodes)}
-    last = lambda group: max(position[c.node] for t in group for c in t.consumers)  # noqa: E731
+    last = lambda group: max(position[c.main_node] for t in group for c in t.consumers)  # noqa: E731
     groups = _merge_interleaved(sorted(groups, key=last), position)
     segments, start = [], 0
     for group in groups:
@@ -77,7 +77,8 @@ def plan_segments(graph: ir.Graph, groups: list[list[Target]]) -> list[Segment]:
         for target in segment.targets:
             for consumer in target.consumers:
                 segment.activations.setdefault(consumer.stat_key, consumer)
-                if consumer.activation not in produced and consumer.activation not in segment.inputs:
+                if consumer.branch is None and consumer.activation not in produced \
+                        and consumer.activation not in segment.inputs:
                     segment.inputs.append(consumer.activation)
     for index, segment in enumerate(segments):
         later = {name for s in segments[index + 1:] for name in s.inputs}
@@ -142,8 +143,7 @@ class _Feeds:
 def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers) -> dict[str, dict]:
     """Statistics per target; a target whose input cannot be turned into rows gets
     {"refused": reason} instead, and is left dense by the pipeline."""
-    wanted = list(dict.fromkeys(c.activation for c in segment.activations.values()
-                                if c.activation not in segment.inputs))
+    wanted = list(dict.fromkeys(c.fetched for c in segment.activations.values() if c.fetched not in segment.inputs))
     session = _session(model, segment, wanted, next(iter(feeds)), providers) if wanted else None
     accumulators = {key: Accumulator(needs) for key in segment.activations}
     refused: dict[tuple, str] = {}
@@ -152,7 +152,9 @@ def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers
         for key, consumer in segment.activations.items():
             if key in refused:
                 continue
-            x = produced[consumer.activation] if consumer.activation in produced else sample[consumer.activation]
+            x = produced[consumer.fetched] if consumer.fetched in produced else sample[consumer.fetched]
+            if consumer.branch is not None and x.size == 0:
+                continue  # this sample took the If's other branch
             try:
                 accumulators[key].add(activation_rows(x, consumer))
             except Uncalibrated as reason:
@@ -237,13 +239,46 @@ def _segment_model(model: ir.Model, segment: Segment, outputs: list[str],
         initializers.append(proto)
     inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(example[name].dtype), None)
               for name in segment.inputs]
-    graph = helper.make_graph([ir.serde.serialize_node(n) for n in segment.nodes], "segment", inputs,
+    exposed = _branch_exposures(segment, outputs)
+    nodes = [_exposing(ir.serde.serialize_node(n), exposed.get(n, [])) for n in segment.nodes]
+    graph = helper.make_graph(nodes, "segment", inputs,
                               [helper.make_empty_tensor_value_info(name) for name in outputs], initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, version)
                                                     for domain, version in model.opset_imports.items()])
     proto.ir_version = model.ir_version
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
     return proto, weights
+
+
+def _branch_exposures(segment: Segment, outputs: list[str]) -> dict[ir.Node, list[tuple[Consumer, int]]]:
+    """Per If node: the consumers inside its branches whose X is asked for, with X's element type."""
+    exposed: dict[ir.Node, list[tuple[Consumer, int]]] = {}
+    for target in segment.targets:
+        for consumer in target.consumers:
+            if consumer.branch is None or consumer.fetched not in outputs:
+                continue
+            entries = exposed.setdefault(consumer.branch[0], [])
+            if all(c.fetched != consumer.fetched for c, _ in entries):
+                x = next((v for v in consumer.node.inputs if v is not None and v.name == consumer.activation), None)
+                dtype = x.dtype if x is not None and x.dtype is not None else target.value.const_value.dtype
+                entries.append((consumer, (dtype if dtype.is_floating_point() else ir.DataType.FLOAT).value))
+    return exposed
+
+
+def _exposing(node: onnx.NodeProto, consumers: list[tuple[Consumer, int]]) -> onnx.NodeProto:
+    """The If node with one more output per consumer: X in the consumer's branch, an empty tensor
+    of X's type in the other (If's branches must have the same outputs)."""
+    for consumer, elem_type in consumers:
+        node.output.append(consumer.fetched)
+        for attribute in node.attribute:
+            inner = f"{consumer.fetched}/{attribute.name}"
+            if attribute.name == consumer.branch[1]:
+                attribute.g.node.append(helper.make_node("Identity", [consumer.activation], [inner]))
+            else:
+                empty = onnx.TensorProto(name=inner, data_type=elem_type, dims=[0])
+                attribute.g.node.append(helper.make_node("Constant", [], [inner], value=empty))
+            attribute.g.output.append(helper.make_tensor_value_info(inner, elem_type, None))
+    return node
 
 
 def _passable(tensor: ir.TensorProtocol) -> bool:
@@ -291,8 +326,8 @@ def _merge_interleaved(groups: list[list[Target]], position: dict) -> list[list[
     (the graph's order interleaves them, so they cannot be pruned one after the other)."""
     merged: list[list[Target]] = []
     for group in groups:
-        first = min(position[c.node] for t in group for c in t.consumers)
-        if merged and first <= max(position[c.node] for t in merged[-1] for c in t.consumers):
+        first = min(position[c.main_node] for t in group for c in t.consumers)
+        if merged and first <= max(position[c.main_node] for t in merged[-1] for c in t.consumers):
             merged[-1] = merged[-1] + group
         else:
             merged.append(list(group))

@@ -67,6 +67,8 @@ class Accumulator:
 
     def merged(self, other: Accumulator) -> Accumulator:
         """Statistics of both inputs pooled (a weight shared by several nodes)."""
+        if not other.tokens or not self.tokens:  # e.g. a branch no sample took
+            return self if self.tokens else other
         result = Accumulator(self.needs)
         for name in _PER_CHANNEL:
             mine, theirs = getattr(self, name), getattr(other, name)

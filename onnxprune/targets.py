@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.blocks import assign_blocks, node_positions
+from onnxprune.blocks import assign_blocks, attribute_subgraphs, node_positions
 from onnxprune.defaults import mark_defaults
 from onnxprune.errors import UserError
 from onnxprune.layout import Layout
@@ -220,16 +220,13 @@ def _make_target(value: ir.Value, shape, uses: list[_Use], others: list[str],
     consumers, calibration_reason = [], None
     for use in uses:
         activation = use.rule.activation(use.node, use.layout)
+        branch, outside = _branch_of(use.node, owners)
+        calibration_reason = calibration_reason or outside
         if isinstance(activation, str):
             calibration_reason = calibration_reason or activation
             consumers.append(Consumer(use.node, ""))
         else:
-            consumers.append(Consumer(use.node, activation.value.name, activation.form, activation.rows))
-    subgraph_use = next((u for u in uses if u.node.graph in owners), None)
-    if subgraph_use is not None:
-        owner = owners[subgraph_use.node.graph]
-        calibration_reason = (f"read inside a subgraph (a body of {owner.op_type} {owner.name}): "
-                              "calibration runs the main graph only")
+            consumers.append(Consumer(use.node, activation.value.name, activation.form, activation.rows, branch))
     target = Target(value=value, op=first.rule.op, layout=first.layout, consumers=consumers, rule=first.rule,
                     chain=first.chain, calibration_reason=calibration_reason)
     signature = lambda use: (use.rule, use.layout, tuple(step.key for step in use.chain))  # noqa: E731
@@ -240,6 +237,18 @@ def _make_target(value: ir.Value, shape, uses: list[_Use], others: list[str],
     if len(uses) == 1:
         target.bias = _find_bias(first.node, first.rule, target.layout.out_features)
     return target
+
+
+def _branch_of(node: ir.Node, owners: dict[ir.Graph, ir.Node]) -> tuple[tuple[ir.Node, str] | None, str | None]:
+    """(the main-graph If and branch holding `node`, None) — or (None, why calibration cannot reach it)."""
+    if node.graph not in owners:
+        return None, None
+    owner = owners[node.graph]
+    if owner.op_type != "If" or owner.graph in owners:
+        return None, (f"read inside a subgraph (a body of {owner.op_type} {owner.name}): calibration reaches "
+                      "the main graph and the branches of its If nodes only")
+    (branch,) = [name for name, attribute in owner.attributes.items() if node.graph in attribute_subgraphs(attribute)]
+    return (owner, branch), None
 
 
 def _find_bias(node: ir.Node, rule: WeightRule, out_features: int) -> ir.Value | None:

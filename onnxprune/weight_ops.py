@@ -36,10 +36,23 @@ class Consumer:
     activation: str  # the tensor X multiplied by the weight ("" when it cannot be captured)
     form: str = "rows"
     rows: Rows | None = None
+    # Inside a branch of a main-graph If: (that If, the branch attribute). Calibration reads X
+    # through an extra output of the If, empty on the samples that take the other branch.
+    branch: tuple[ir.Node, str] | None = None
 
     @property
-    def stat_key(self) -> tuple[str, str]:
-        return self.activation, self.form
+    def stat_key(self) -> tuple[str, ...]:
+        return (self.activation, self.form) if self.branch is None else (self.fetched, self.form)
+
+    @property
+    def main_node(self) -> ir.Node:
+        """The main-graph node that runs this consumer: itself, or the If holding it."""
+        return self.node if self.branch is None else self.branch[0]
+
+    @property
+    def fetched(self) -> str:
+        """The main-graph name calibration reads X under."""
+        return self.activation if self.branch is None else f"{self.activation}@{self.branch[0].name}/{self.branch[1]}"
 
 
 @dataclass(frozen=True)

@@ -121,18 +121,36 @@ def test_constant_weight_becomes_one_initializer(tmp_path):
     assert not [n for n in saved.graph.node if n.op_type == "Constant"]
 
 
-def test_subgraph_weights_pruned_data_free_and_refused_per_layer_when_calibrated(tmp_path):
+def test_if_branch_weights_pruned_where_they_live(tmp_path):
     _, _, source, calib = _prepare(tmp_path, forms.if_branches)
-    _apply(source, calib, tmp_path / "mag.onnx", "magnitude").ok()
-    saved = onnx.load(str(tmp_path / "mag.onnx"))
-    then_branch = next(a.g for a in saved.graph.node[0].attribute if a.name == "then_branch")
-    assert [i.name for i in then_branch.initializer] == ["W_inner"]  # written back where it lived
-    assert (numpy_helper.to_array(then_branch.initializer[0]) == 0).mean() == pytest.approx(0.5)
-    _apply(source, calib, tmp_path / "wanda.onnx", "wanda").ok()
-    report = json.loads((tmp_path / "wanda.json").read_text())
-    assert [t["name"] for t in report["targets"]] == ["W2"]
-    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == {"W", "W_inner"} and all("subgraph" in r for r in reasons.values())
+    for method in ["magnitude", "wanda"]:
+        _apply(source, calib, tmp_path / f"{method}.onnx", method).ok()
+        saved = onnx.load(str(tmp_path / f"{method}.onnx"))
+        then_branch = next(a.g for a in saved.graph.node[0].attribute if a.name == "then_branch")
+        assert [i.name for i in then_branch.initializer] == ["W_inner"]  # written back where it lived
+        assert (numpy_helper.to_array(then_branch.initializer[0]) == 0).mean() == pytest.approx(0.5)
+        assert len(saved.graph.node[0].output) == 1  # calibration's extra If outputs are not saved
+        report = json.loads((tmp_path / f"{method}.json").read_text())
+        assert {t["name"] for t in report["targets"]} == {"W", "W_inner", "W2"} and not report["skipped"]
+
+
+def test_if_branch_statistics_come_from_the_branch_each_sample_takes(tmp_path):
+    model, _ = forms.if_branches()
+    ir_model = load_model(save(model, tmp_path / "if.onnx"))
+    targets = {t.name: t for t in discover_targets(ir_model)}
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, forms.SEQ, forms.K)).astype(np.float32) for _ in range(4)]
+    takes_then = [True, False, True, False]
+    samples = [{"X": x, "use_branch": np.array([flag])} for x, flag in zip(xs, takes_then)]
+    stats = calibrate(ir_model, [list(targets.values())], samples, frozenset({"sq_sum", "gram"}))
+    # W is read by both branches: every sample counts once, through the branch it took
+    rows = np.concatenate([x.reshape(-1, forms.K) for x in xs])
+    np.testing.assert_allclose(stats["W"]["sq_sum"], (rows ** 2).sum(0), rtol=1e-5)
+    assert stats["W"]["tokens"] == len(rows)
+    # W_inner only in the then-branch, on t0 = X @ W of the samples that took it
+    t0 = np.concatenate([x.reshape(-1, forms.K) @ forms.W for x, flag in zip(xs, takes_then) if flag])
+    np.testing.assert_allclose(stats["W_inner"]["gram"], t0.T @ t0, rtol=1e-4, atol=1e-4)
+    assert stats["W_inner"]["tokens"] == len(t0)
 
 
 def test_recurrent_statistics_come_from_the_sequence_and_the_hidden_states(tmp_path):
@@ -349,9 +367,6 @@ def test_lm_export_forms(tmp_path, lm_export, row):
         out = tmp_path / f"{method}.onnx"
         args = ["apply", source, "-m", method, "-s", "0.5", "-o", out, "--report", out.with_suffix(".json")]
         result = cli(*args, *(["--calib", calib, "--nsamples", 2] if method in CALIBRATED else []))
-        if result.code == 2:  # only a merged decoder's calibrated methods: every weight is read inside the If
-            assert row.endswith("merged-decoder") and method in CALIBRATED and "subgraph" in result.err, result.err
-            continue
         result.ok()
         report = json.loads(out.with_suffix(".json").read_text())
         assert report["targets"] and all(s["reason"] for s in report["skipped"])
