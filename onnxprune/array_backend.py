@@ -1,10 +1,11 @@
 """Where the solver passes (SparseGPT, MAMA) compute: numpy, which the core install has, or torch
 when it is installed (on a device of its own, later). Each algorithm is written once against a
-backend: arithmetic, slicing, boolean and integer indexing and `@` on its arrays are spelled alike by
+backend: arithmetic, slicing, boolean and integer indexing, `@` and `.mT` on its arrays are spelled alike by
 both libraries, and the few operations they spell differently are the methods below.
 
 Every array a backend makes is float32 (or bool/int64 for masks and indices) and its own copy, so
-an algorithm may update it in place.
+an algorithm may update it in place. The solvers carry a leading group axis (a grouped convolution's
+independent sub-problems, 1 for any other layer), so the methods below work on batches.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class NumpyBackend:
         return np.zeros(x.shape, dtype=bool)
 
     def diag(self, x: np.ndarray) -> np.ndarray:
-        return np.diag(x).copy()  # numpy's is a read-only view
+        """The diagonals [g, k] of a batch of matrices [g, k, k]."""
+        return np.diagonal(x, axis1=-2, axis2=-1).copy()  # numpy's is a read-only view
 
     def where(self, condition: np.ndarray, a, b) -> np.ndarray:
         return np.where(condition, a, b)
@@ -49,24 +51,29 @@ class NumpyBackend:
         """a / b where b > 0, else 0 (without dividing by zero)."""
         return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
 
-    def kth_smallest(self, x: np.ndarray, k: int) -> float:
-        """The value at index k of all of x's entries sorted ascending."""
-        return float(np.partition(x.ravel(), k)[k])
+    def kth_smallest(self, x: np.ndarray, k: int) -> np.ndarray:
+        """Per entry of the first axis, the value at index k of its entries sorted ascending: [g]."""
+        return np.partition(x.reshape(len(x), -1), k, axis=1)[:, k]
 
     def lowest_of_columns(self, x: np.ndarray, n: int) -> np.ndarray:
-        """Boolean mask of x's shape: True at the n lowest entries of every column."""
+        """Boolean mask of x's shape [..., m, c]: True at the n lowest entries of every column."""
         mask = np.zeros(x.shape, dtype=bool)
-        np.put_along_axis(mask, np.argpartition(x, n - 1, axis=0)[:n], True, axis=0)
+        np.put_along_axis(mask, np.argpartition(x, n - 1, axis=-2)[..., :n, :], True, axis=-2)
         return mask
 
-    def inverse_cholesky_upper(self, a: np.ndarray) -> np.ndarray | None:
-        """Upper U with UᵀU = a⁻¹, or None when a is not positive definite in float32.
+    def inverse_cholesky_upper(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Upper U with UᵀU = a⁻¹ for each matrix of a batch [g, k, k], and a bool array [g] of the
+        ones that are not positive definite in float32 (their U is meaningless).
         numpy has neither a Cholesky inverse nor a triangular one: one LU inverse of `a` took the
         time of factoring, inverting the factor as a general matrix and multiplying."""
         try:
-            return np.linalg.cholesky(np.linalg.inv(a), upper=True)
+            return np.linalg.cholesky(np.linalg.inv(a), upper=True), np.zeros(len(a), dtype=bool)
         except np.linalg.LinAlgError:
-            return None
+            if len(a) == 1:
+                return np.zeros_like(a), np.ones(1, dtype=bool)
+        # numpy does not say which matrix failed: one at a time (only when one did)
+        parts = [self.inverse_cholesky_upper(matrix[None]) for matrix in a]
+        return np.concatenate([u for u, _ in parts]), np.concatenate([failed for _, failed in parts])
 
     def spd_solve(self, blocks: np.ndarray, rhs: np.ndarray) -> np.ndarray | None:
         """x with blocks @ x = rhs for a batch of symmetric positive definite blocks [b, k, k] and
@@ -117,7 +124,7 @@ class TorchBackend:
         return self.torch.zeros_like(x, dtype=self.torch.bool)
 
     def diag(self, x):
-        return self.torch.diag(x)
+        return self.torch.diagonal(x, dim1=-2, dim2=-1)
 
     def where(self, condition, a, b):
         return self.torch.where(condition, a, b)
@@ -128,20 +135,21 @@ class TorchBackend:
     def ratio(self, a, b):
         return self.torch.where(b > 0, a / b, self.torch.zeros_like(a))
 
-    def kth_smallest(self, x, k: int) -> float:
-        return float(self.torch.kthvalue(x.flatten(), k + 1).values)
+    def kth_smallest(self, x, k: int):
+        return self.torch.kthvalue(x.flatten(1), k + 1, dim=1).values
 
     def lowest_of_columns(self, x, n: int):
-        lowest = self.torch.topk(x, n, dim=0, largest=False).indices
-        return self.false_like(x).scatter_(0, lowest, True)
+        lowest = self.torch.topk(x, n, dim=-2, largest=False).indices
+        return self.false_like(x).scatter_(-2, lowest, True)
 
     def inverse_cholesky_upper(self, a):
-        linalg = self.torch.linalg
-        factor, info = linalg.cholesky_ex(a)
-        if info != 0:
-            return None
-        upper, info = linalg.cholesky_ex(self.torch.cholesky_inverse(factor), upper=True)
-        return None if info != 0 else upper
+        torch = self.torch
+        factor, info = torch.linalg.cholesky_ex(a)
+        failed = info != 0
+        # A failed factor is partial: invert the identity in its place (its U is discarded anyway).
+        factor = torch.where(failed[:, None, None], torch.eye(a.shape[-1], device=a.device), factor)
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+        return upper, (failed | (info != 0)).cpu().numpy()
 
     def spd_solve(self, blocks, rhs):
         factor, info = self.torch.linalg.cholesky_ex(blocks)

@@ -26,7 +26,7 @@ from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibra
                                samples_record, stats_file_record)
 from onnxprune.spilled import replacement, spilling_beside
 from onnxprune.stats_file import load_stats, save_stats
-from onnxprune.statistics import STAT_KEYS, split_groups, statistics_width
+from onnxprune.statistics import STAT_KEYS, per_row, statistics_width
 from onnxprune.targets import FLOAT_TYPES, Discovery, Target, add_bias, discover, select_targets, untouched_weights
 from onnxprune.validate import (check_options, check_samples, check_statistics, check_weights_finite,
                                 check_writable, constant_warning)
@@ -274,8 +274,7 @@ def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions
         if "sq_sum" not in entry:
             raise UserError(f"{options.calibration.stats_file or 'the statistics'} lacks sq_sum for {target.node_name}")
         weight = np.abs(target.read())
-        norms = np.sqrt(np.atleast_2d(entry["sq_sum"]))  # [groups, K]: each group's rows see their own inputs
-        scores.setdefault(_block_key(target), []).append(weight * np.repeat(norms, len(weight) // len(norms), axis=0))
+        scores.setdefault(_block_key(target), []).append(weight * np.sqrt(per_row(entry, "sq_sum", len(weight))))
     return owl_sparsities({block: outlier_ratio(s) for block, s in scores.items()}, options.pattern.sparsity)
 
 
@@ -405,7 +404,7 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
                       allow_new_bias=add_bias and target.can_take_bias)
         own_pattern = patterns[target.name] if patterns else pattern
         try:
-            pruned = prune_layer(method, layer, own_pattern)
+            pruned = method.prune(layer, own_pattern)  # a grouped conv's groups in one call
         except NotApplicable as reason:
             if skipped is None:
                 raise
@@ -418,28 +417,6 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
         stored = pruned.weight if target.stored_dtype in FLOAT_TYPES else target.read()
         records.append(record_of(target, stored, own_pattern, bias_changed=pruned.bias is not None))
     return records
-
-
-def prune_layer(method: PruningPass, layer: Layer, pattern: Pattern) -> Pruned:
-    """`method` on the layer; a grouped convolution is g independent sub-problems (each group's
-    output channels with that group's input statistics), pruned one after the other."""
-    groups = split_groups(layer.stats)
-    if groups is None:
-        return method.prune(layer, pattern)
-    rows = len(layer.weight) // len(groups)
-    weights, biases = [], []
-    for j, group_stats in enumerate(groups):
-        part = slice(j * rows, (j + 1) * rows)
-        pruned = method.prune(Layer(f"{layer.name}[group {j}]", layer.weight[part],
-                                    None if layer.bias is None else layer.bias[part], layer.rng, group_stats,
-                                    layer.allow_new_bias), pattern)
-        weights.append(pruned.weight)
-        biases.append(pruned.bias)
-    if all(bias is None for bias in biases):
-        return Pruned(np.concatenate(weights))
-    unchanged = layer.bias if layer.bias is not None else np.zeros(len(layer.weight), dtype=np.float32)
-    return Pruned(np.concatenate(weights), np.concatenate(
-        [unchanged[j * rows:(j + 1) * rows] if bias is None else bias for j, bias in enumerate(biases)]))
 
 
 def record_of(target: Target, canonical: np.ndarray, pattern: Pattern | None, bias_changed: bool = False) -> TargetRecord:

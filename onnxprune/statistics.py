@@ -5,8 +5,9 @@ accumulator. Only what the chosen method needs is computed: Σx² (Wanda), Σxx�
 Σx (means). Column order matches the canonical weight's K order (see `targets.Layout`).
 
 A grouped convolution's output channels of group j see only group j's input channels, so its
-statistics carry a leading group axis (Σx² [g, K], Σxxᵀ [g, K, K]) and `split_groups` cuts the
-layer into g independent sub-problems; every other layer has one group, stored without that axis.
+statistics carry a leading group axis (Σx² [g, K], Σxxᵀ [g, K, K]): g independent sub-problems,
+which the methods solve batched (`passes.base.Layer.grouped`); every other layer has one group,
+stored without that axis.
 
 How each op's input becomes the rows [groups, tokens, K] that multiply the canonical weight's rows
 is part of that op's rule in `weight_ops.RULES`; the convolutions' im2col lives here.
@@ -88,13 +89,11 @@ class Accumulator:
         return stats
 
 
-def split_groups(stats: dict | None) -> list[dict] | None:
-    """A grouped layer's statistics as one dict per group (in output-channel order), else None."""
-    groups = int(stats.get("groups", 1)) if stats else 1
-    if groups == 1:
-        return None
-    return [{key: value[j] if key in _PER_CHANNEL else value for key, value in stats.items() if key != "groups"}
-            for j in range(groups)]
+def per_row(stats: dict, key: str, rows: int) -> np.ndarray:
+    """Statistic `key` in float64 for each of `rows` output rows: a grouped layer's [g, K] repeated
+    to [rows, K] (group j's value for its slice of rows); else [1, K], which broadcasts over them."""
+    value = np.atleast_2d(np.asarray(stats[key], dtype=np.float64))
+    return np.repeat(value, rows // len(value), axis=0) if len(value) > 1 else value
 
 
 def statistics_width(stats: dict, key: str) -> int:

@@ -27,6 +27,25 @@ class Layer:
     stats: dict[str, np.ndarray] | None = None  # calibration statistics, keyed as in `needs`
     allow_new_bias: bool = False  # a pass may return a bias for a layer without one (the user asked)
 
+    @property
+    def groups(self) -> int:
+        """g of a grouped convolution, whose rows fall into g equal slices, slice j seeing only
+        group j's inputs: its statistics carry a leading group axis. 1 for every other layer."""
+        return int(self.stats.get("groups", 1)) if self.stats else 1
+
+    def grouped(self, key: str) -> np.ndarray:
+        """Statistic `key` in float64 with the group axis, g = 1 included: [g, K] or [g, K, K]."""
+        value = np.asarray(self.stats[key], dtype=np.float64)
+        return value if self.groups > 1 else value[None]
+
+    def group(self, j: int) -> Layer:
+        """Group j as a layer of its own: a method's result on the grouped layer equals its
+        results on these, stacked (solving the groups batched only saves the per-call overhead)."""
+        rows = slice(j * (len(self.weight) // self.groups), (j + 1) * (len(self.weight) // self.groups))
+        stats = {key: value[j] if np.ndim(value) else value for key, value in self.stats.items() if key != "groups"}
+        return Layer(f"{self.name}[group {j}]", self.weight[rows].copy(),
+                     None if self.bias is None else self.bias[rows].copy(), self.rng, stats, self.allow_new_bias)
+
 
 @dataclass
 class Pruned:

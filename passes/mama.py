@@ -11,7 +11,7 @@ Per output row with pruned set P and kept set K (Wanda's mask):
 the minimiser of E(w_P x_P − δ x_K)² + λ‖δ‖². When the layer has (or may get) a bias, C is the
 centred covariance XᵀX/n − μμᵀ and `b += w_P·μ_P − δ·μ_K` takes the mean of the removed
 contribution: jointly optimal in (δ, b). Without a bias C = XᵀX/n, so δ must carry the mean too.
-λ = damp·mean(diag C). All rows are solved together on the Jacobi-scaled system: by batched
+λ = damp·mean(diag C). All rows (of all groups, for a grouped conv) are solved together on the Jacobi-scaled system: by batched
 Cholesky of each row's kept block when those are small enough, else by conjugate gradients (one
 [rows, K] @ [K, K] float32 matmul per iteration), on numpy or torch (onnxprune.array_backend).
 `data_free` chooses the mask from |W| alone (no activation norms); the move still needs the
@@ -56,40 +56,45 @@ class Mama(Wanda):
         mask = select_lowest(self.score(layer), pattern, self.per_output)
         if not mask.any():
             return Pruned(layer.weight)
+        # A leading group axis g: a grouped conv's groups (each its rows, its own statistics) are
+        # solved in one batch; g = 1 for every other layer.
+        groups = layer.groups
+        shape = (groups, len(mask) // groups, mask.shape[1])
         tokens = max(int(layer.stats["tokens"]), 1)
-        cov = np.asarray(layer.stats["gram"], dtype=np.float64) / tokens
+        cov = layer.grouped("gram") / tokens
         with_bias = layer.bias is not None or layer.allow_new_bias
         if with_bias:
             # The bias absorbs the removed contribution's mean; δ need only reproduce its fluctuation.
-            mean = np.asarray(layer.stats["sum"], dtype=np.float64) / tokens
-            cov -= np.outer(mean, mean)
-        removed = np.where(mask, layer.weight, 0.0)
-        delta = self.move(removed, ~mask, cov)
-        weight = np.where(mask, 0.0, layer.weight + delta).astype(np.float32)
+            mean = layer.grouped("sum") / tokens
+            cov -= mean[:, :, None] * mean[:, None, :]
+        removed = np.where(mask, layer.weight, 0.0).reshape(shape)
+        delta = self.move(removed, ~mask.reshape(shape), cov)
+        weight = np.where(mask, 0.0, layer.weight + delta.reshape(mask.shape)).astype(np.float32)
         if not with_bias:
             return Pruned(weight)
         bias = np.zeros(len(weight)) if layer.bias is None else layer.bias.astype(np.float64)
-        return Pruned(weight, (bias + (removed - delta) @ mean).astype(np.float32))
+        return Pruned(weight, (bias + np.einsum("grk,gk->gr", removed - delta, mean).ravel()).astype(np.float32))
 
     def move(self, removed: np.ndarray, keep: np.ndarray, cov: np.ndarray) -> np.ndarray:
-        """δ [rows, K], zero off `keep`: per row, (C_KK + λI) δ_K = C_KP w_P.
+        """δ [g, rows, K], zero off `keep`: per row, (C_KK + λI) δ_K = C_KP w_P, with its group's C
+        (`cov` [g, K, K]).
 
         Solved on Ĉ = S(C + λI)S with S = diag(C + λI)^-½ (Jacobi), which has a unit diagonal so
         outlier channels no longer dominate the conditioning. Since `removed` is zero on K the
         right-hand side is (removed @ (C + λI))_K, i.e. (u @ Ĉ)_K with u = removed / S.
         """
         xp = backend(self.backend_name, self.name)
-        lam = self.damp * float(np.mean(np.diag(cov)))
-        damped = cov + lam * np.eye(len(cov))
-        diag = np.diag(damped).copy()
+        lam = self.damp * np.diagonal(cov, axis1=1, axis2=2).mean(1)
+        damped = cov + lam[:, None, None] * np.eye(cov.shape[-1])
+        diag = np.diagonal(damped, axis1=1, axis2=2).copy()
         diag[diag <= 0] = 1.0  # dead inputs (only reachable with damp = 0): nothing to scale
-        scale = 1.0 / np.sqrt(diag)
-        system = xp.asarray(scale[:, None] * damped * scale[None, :])
+        scale = 1.0 / np.sqrt(diag)[:, None, :]
+        system = xp.asarray(scale.mT * damped * scale)
         kept = xp.asarray(keep)
         rhs = (xp.asarray(removed / scale) @ system) * kept
-        kept_per_row = keep.sum(axis=1)
+        kept_per_row = keep.sum(axis=-1)
         x = None
-        if kept_per_row.min() == kept_per_row.max() and kept_per_row[0] <= self.direct_max_kept:
+        if kept_per_row.min() == kept_per_row.max() and kept_per_row.flat[0] <= self.direct_max_kept:
             x = self._batched_cholesky(xp, system, keep, rhs)
         if x is None:  # uneven rows, large blocks, or a float32 breakdown on a near-singular block
             x = self._masked_cg(xp, system, kept, rhs)
@@ -97,25 +102,28 @@ class Mama(Wanda):
 
     def _batched_cholesky(self, xp, system, keep: np.ndarray, rhs):
         """Exact solves, a chunk of rows at a time: every row keeps the same number k of inputs
-        (per-output and N:M masks), so its k×k sub-block of `system` batches with the others.
-        Costs rows·k³/3 flops: below CG's iterations·2·rows·K² for k up to a few thousand.
+        (per-output and N:M masks), so its k×k sub-block of its group's `system` batches with the
+        others. Costs rows·k³/3 flops: below CG's iterations·2·rows·K² for k up to a few thousand.
         None when a block is not positive definite in float32 (CG copes with those)."""
-        rows, k = keep.shape[0], int(keep[0].sum())
-        index = np.nonzero(keep)[1].reshape(rows, k)
-        x = xp.zeros_like(rhs)
+        groups, rows, k = keep.shape[0], keep.shape[1], int(keep[0, 0].sum())
+        index = np.nonzero(keep)[2].reshape(groups * rows, k)  # all rows of all groups, one after the other
+        group_of = np.repeat(np.arange(groups), rows)
+        flat_rhs = rhs.reshape(groups * rows, rhs.shape[-1])
+        x = xp.zeros_like(flat_rhs)
         chunk = max(1, (64 << 20) // (4 * k * k))  # ~64 MB of sub-blocks at a time
-        for start in range(0, rows, chunk):
-            rows_of = xp.index(np.arange(start, min(start + chunk, rows)))[:, None]
+        for start in range(0, groups * rows, chunk):
+            rows_of = xp.index(np.arange(start, min(start + chunk, groups * rows)))[:, None]
+            group = xp.index(group_of[start:start + chunk])[:, None, None]
             idx = xp.index(index[start:start + chunk])
-            solved = xp.spd_solve(system[idx[:, :, None], idx[:, None, :]], rhs[rows_of, idx])
+            solved = xp.spd_solve(system[group, idx[:, :, None], idx[:, None, :]], flat_rhs[rows_of, idx])
             if solved is None:
                 return None
             x[rows_of, idx] = solved
         self.last_solve = {"iterations": 0, "residual": 0.0}
-        return x
+        return x.reshape(rhs.shape)
 
     def _masked_cg(self, xp, system, kept, rhs):
-        """Conjugate gradients for all rows at once on the kept sub-blocks of `system`.
+        """Conjugate gradients for all rows of all groups at once on the kept sub-blocks of `system`.
 
         Every iterate lowers each row's output error below the previous one (CG minimises the
         quadratic over growing Krylov spaces from δ = 0), so stopping early is safe.
@@ -123,23 +131,23 @@ class Mama(Wanda):
         x = xp.zeros_like(rhs)
         r = xp.copy(rhs)
         p = xp.copy(r)
-        rr = (r * r).sum(1)
+        rr = (r * r).sum(-1)
         target = self.tol * rr**0.5
         iterations = 0
         while iterations < self.max_iter and bool((rr**0.5 > target).any()):
             iterations += 1
             q = (p @ system) * kept
-            alpha = xp.ratio(rr, (p * q).sum(1))  # rows with nothing to move: p = 0
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * q
-            rr_next = (r * r).sum(1)
-            p = r + xp.ratio(rr_next, rr)[:, None] * p
+            alpha = xp.ratio(rr, (p * q).sum(-1))  # rows with nothing to move: p = 0
+            x += alpha[..., None] * p
+            r -= alpha[..., None] * q
+            rr_next = (r * r).sum(-1)
+            p = r + xp.ratio(rr_next, rr)[..., None] * p
             rr = rr_next
-        bad = ~xp.isfinite(x).all(1)
+        bad = ~xp.isfinite(x).all(-1)
         x[bad] = 0.0  # numerical breakdown: those rows are left as the plain Wanda mask
         # The true residual (float32 recurrences drift from it), relative, worst row.
         residual = rhs - (x @ system) * kept
-        true = float(xp.ratio((residual * residual).sum(1) ** 0.5, (rhs * rhs).sum(1) ** 0.5).max())
+        true = float(xp.ratio((residual * residual).sum(-1) ** 0.5, (rhs * rhs).sum(-1) ** 0.5).max())
         self.last_solve = {"iterations": iterations, "residual": true}
         if bool((rr**0.5 > target).any()) or bool(bad.any()):
             warnings.warn(f"mama: conjugate gradients stopped after {iterations} iterations at relative "

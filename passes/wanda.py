@@ -8,6 +8,7 @@ import numpy as np
 
 from onnxprune.passes.base import Layer, ScorePass
 from onnxprune.passes.registry import register
+from onnxprune.statistics import per_row
 
 
 @register
@@ -20,5 +21,6 @@ class Wanda(ScorePass):
     def score(self, layer: Layer) -> np.ndarray:
         # The reference uses sq_sum / samples; a positive factor common to every score of the
         # matrix changes no ranking, so the raw sum gives the same mask.
-        norms = np.sqrt(np.asarray(layer.stats["sq_sum"], dtype=np.float64))
-        return np.abs(layer.weight.astype(np.float64)) * norms[None, :]
+        # A grouped conv's rows see their own group's inputs; its mask is per row, so no group axis.
+        norms = np.sqrt(per_row(layer.stats, "sq_sum", len(layer.weight)))
+        return np.abs(layer.weight.astype(np.float64)) * norms

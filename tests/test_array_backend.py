@@ -26,7 +26,9 @@ def both(method: str, *args) -> list:
     results = []
     for xp in (NUMPY, TORCH):
         result = getattr(xp, method)(*(xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args))
-        results.append(result if result is None or isinstance(result, float) else xp.to_numpy(result))
+        if isinstance(result, tuple):  # (array, numpy flags)
+            result = (xp.to_numpy(result[0]), result[1])
+        results.append(result if result is None or isinstance(result, tuple) else xp.to_numpy(result))
     return results
 
 
@@ -36,14 +38,18 @@ def test_default_is_torch_when_installed_and_names_are_checked():
         backend("cupy")
 
 
-def test_inverse_cholesky_upper_agrees_and_refuses_an_indefinite_matrix():
-    a = spd(np.random.default_rng(0), 96)
-    upper_np, upper_torch = both("inverse_cholesky_upper", a)
+def test_inverse_cholesky_upper_agrees_and_tells_which_matrix_is_indefinite():
+    a = spd(np.random.default_rng(0), 96, (3,))
+    (upper_np, failed_np), (upper_torch, failed_torch) = both("inverse_cholesky_upper", a)
+    assert not failed_np.any() and not failed_torch.any()
     np.testing.assert_allclose(upper_np, upper_torch, rtol=1e-4, atol=1e-5)
     assert np.allclose(np.tril(upper_np, -1), 0)
-    np.testing.assert_allclose(upper_np.T.astype(np.float64) @ upper_np @ a, np.eye(96), atol=1e-3)
-    indefinite = a - 2 * np.eye(96, dtype=np.float32) * np.abs(a).max()
-    assert both("inverse_cholesky_upper", indefinite) == [None, None]
+    for u, matrix in zip(upper_np, a):
+        np.testing.assert_allclose(u.T.astype(np.float64) @ u @ matrix, np.eye(96), atol=1e-3)
+    a[1] -= 2 * np.eye(96, dtype=np.float32) * np.abs(a[1]).max()
+    (upper_np, failed_np), (_, failed_torch) = both("inverse_cholesky_upper", a)
+    assert failed_np.tolist() == failed_torch.tolist() == [False, True, False]
+    np.testing.assert_allclose(upper_np[[0, 2]], upper_torch[[0, 2]], rtol=1e-4, atol=1e-5)
 
 
 def test_spd_solve_agrees_and_refuses_a_block_that_is_not_positive_definite():
@@ -58,12 +64,14 @@ def test_spd_solve_agrees_and_refuses_a_block_that_is_not_positive_definite():
 
 def test_selections_agree():
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(4, 300)).astype(np.float32)
+    x = rng.normal(size=(3, 4, 300)).astype(np.float32)  # a group axis first
     lowest_np, lowest_torch = both("lowest_of_columns", x, 2)
-    assert lowest_np.dtype == bool and (lowest_np.sum(axis=0) == 2).all()
+    assert lowest_np.dtype == bool and (lowest_np.sum(axis=1) == 2).all()
     np.testing.assert_array_equal(lowest_np, lowest_torch)
-    np.testing.assert_array_equal(lowest_np, x <= np.sort(x, axis=0)[1])
-    assert both("kth_smallest", x, 517) == [np.sort(x.ravel())[517]] * 2
+    np.testing.assert_array_equal(lowest_np, x <= np.sort(x, axis=1)[:, 1:2])
+    expected = np.sort(x.reshape(3, -1), axis=1)[:, 517]
+    for kth in both("kth_smallest", x, 517):
+        np.testing.assert_array_equal(kth, expected)
     a, b = rng.normal(size=50).astype(np.float32), np.where(rng.random(50) < 0.3, 0, rng.random(50)).astype(np.float32)
     ratio_np, ratio_torch = both("ratio", a, b)
     np.testing.assert_array_equal(ratio_np, ratio_torch)

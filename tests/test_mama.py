@@ -111,7 +111,7 @@ def test_centring_with_a_bias_and_not_without():
     with_bias = optimum_error(w, b, mask, x)
     stats, removed = stats_of(x), np.where(mask, w, 0.0)
     mean = stats["sum"] / len(x)
-    delta = exact.move(removed, ~mask, stats["gram"].astype(np.float64) / len(x))
+    delta = exact.move(removed[None], ~mask[None], stats["gram"][None].astype(np.float64) / len(x))[0]
     uncentred = error(w, b, np.where(mask, 0.0, w + delta), b + (removed - delta) @ mean, x)
 
     plain = error(w, None, *prune(exact, w, None, x, pattern), x)
