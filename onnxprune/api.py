@@ -102,7 +102,8 @@ def prune(model: ModelLike, method: str = "wanda", sparsity: float | None = None
           nsamples: int = 128, seqlen: int = 2048, tokenizer: str | os.PathLike | None = None,
           one_shot: bool = False, include: str | None = None, exclude: str | None = None, target: str = "dense",
           allocation: str = "uniform", strict: bool = False, data_free: bool = False,
-          add_bias: bool = False, seed: int = 0, kinds: Sequence[str] | None = None, recipe=None) -> PruneResult:
+          add_bias: bool = False, seed: int = 0, kinds: Sequence[str] | None = None, device: str = "auto",
+          recipe=None) -> PruneResult:
     """Prune `model` and return it in memory with its report.
 
     `sparsity` defaults to 0.5 (an N:M `pattern` sets its own); `pattern` is "unstructured",
@@ -129,7 +130,7 @@ def prune(model: ModelLike, method: str = "wanda", sparsity: float | None = None
     calibration = CalibrationOptions(_calib_name(calib), nsamples, seqlen, _str(tokenizer), seed, not one_shot,
                                      stats_path)
     options = PruneOptions(method, spec, include, exclude, strict, seed, None, calibration, allocation,
-                           data_free, add_bias, target, tuple(kinds) if kinds else None)
+                           data_free, add_bias, target, tuple(kinds) if kinds else None, device)
     loaded, source = _load(model)
     timer = StageTimer()
     report = prune_model(loaded, options, _calibration_source(loaded, source, calibration, calib, stats, timer), timer)

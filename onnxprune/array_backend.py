@@ -163,12 +163,15 @@ BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend}
 NUMPY = NumpyBackend()
 
 
-def backend(name: str | None = None, purpose: str = "the torch backend") -> Backend:
-    """The backend called `name`; by default torch when it is installed, else numpy."""
+def backend(name: str | None = None, purpose: str = "the torch backend", device: str = "cpu") -> Backend:
+    """The backend called `name`; by default torch when it is installed, else numpy. Any device
+    but the CPU is torch's."""
     if name is None:
-        name = "torch" if is_available("torch") else "numpy"
+        name = "torch" if device != "cpu" or is_available("torch") else "numpy"
     if name == "torch":
-        return TorchBackend(purpose=purpose)
+        return TorchBackend(device, purpose=purpose)
     if name not in BACKENDS:
         raise ValueError(f"unknown array backend {name!r}; available: {', '.join(BACKENDS)}")
+    if device != "cpu":
+        raise ValueError(f"the {name} backend computes on the CPU only, not on {device}")
     return NUMPY

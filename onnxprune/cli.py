@@ -129,6 +129,7 @@ method: Optional[str] = typer.Option(None, "--method", "-m", help="Pruning metho
     data_free: bool = typer.Option(False, "--data-free", help="mama: choose the mask from |W| alone (the move still uses calibration statistics)."),
     add_bias: bool = typer.Option(False, "--add-bias", help="mama: add a bias where a layer has none, to take the removed weights' mean."),
     target: str = typer.Option("dense", "--target", help="dense (zeros in place), compressed (smaller file, same weights), tensorrt (2:4 + eligibility report), cpu (structured shrinking)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when torch sees a GPU), cpu or cuda: sparsegpt/mama solves in torch on the GPU, calibration on onnxruntime's CUDA provider when onnxruntime-gpu is installed."),
 ) -> None:
     """Prune MODEL's weights and write a new ONNX model."""
     from onnxprune.emit import default_pattern
@@ -154,7 +155,7 @@ method: Optional[str] = typer.Option(None, "--method", "-m", help="Pruning metho
         check_writable(report, report.with_suffix(".md"))  # before any work, not after the model is written
     result = run_apply(model, output, PruneOptions(method, spec, include, exclude, strict, seed,
                                                    external_data, calibration, allocation, data_free, add_bias,
-                                                   target))
+                                                   target, device=device))
     for text in result.notes:  # warnings from validate.py come as "warning: ..." notes
         warn(text.removeprefix("warning: ")) if text.startswith("warning: ") else note(text)
     if report:

@@ -15,11 +15,12 @@ from onnxprune import __version__
 from onnxprune.allocation import outlier_ratio, owl_sparsities
 from onnxprune.calibration import calibrate, group_by_block
 from onnxprune.companions import SOURCE_KEY, carry_companions, companion_source
+from onnxprune.device import place
 from onnxprune.emit import check_target, emit
 from onnxprune.errors import UserError
 from onnxprune.model_io import (check_output_path, external_data_file, load_model, resolve_model_path,
                                 save_model)
-from onnxprune.passes import Layer, NotApplicable, Pruned, PruningPass, get_pass
+from onnxprune.passes import Layer, NotApplicable, Pruned, PruningPass, available, get_pass, takes_option
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
 from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibration_record, calibration_samples,
@@ -47,6 +48,7 @@ class PruneOptions:
     add_bias: bool = False  # let bias-compensating methods add a bias where a layer has none
     target: str = "dense"  # hardware emitter: dense | compressed | tensorrt | cpu (onnxprune.emit)
     kinds: tuple[str, ...] | None = None  # structured: which channel groups (ffn, heads, conv); None: all
+    device: str = "auto"  # auto | cpu | cuda: solver passes in torch on the GPU, calibration on ORT's CUDA EP
 
 
 @dataclass
@@ -144,14 +146,19 @@ def prune_model(model: ir.Model, options: PruneOptions, samples: CalibrationSour
     `samples` supplies calibration data or precomputed statistics when the method needs them."""
     timer = timer or StageTimer()
     samples = samples or CalibrationSource(None, model, options.calibration, timer)
+    method_needs = getattr(available().get(options.method), "needs", ())
+    placement = place(options.device, solves=takes_option(options.method, "device"),
+                      calibrates=bool(method_needs) or options.allocation == "owl")
+    samples.providers = list(placement.providers)
     note = check_target(options.target, options.pattern, options.pattern.structured)
     if options.pattern.structured:  # whole channels out: a smaller dense graph (onnxprune.structured)
         from onnxprune.structured import prune_structured
 
         report = prune_structured(model, options, samples, timer)
     else:
-        report = _prune_weights(model, options, samples, timer)
+        report = _prune_weights(model, options, samples, timer, placement.device)
         report.notes += [note] if note else []
+    report.notes += [placement.note] if placement.note else []
     report.calibration = samples.record()
     stamp_provenance(model, report.method, report.pattern, report.sparsity, **report.provenance())
     report.timings_s = timer.totals()
@@ -174,8 +181,11 @@ def save_pruned(model: ir.Model, report, output: str | Path, external_data: bool
     return path
 
 
-def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationSource, timer: StageTimer) -> Report:
-    method = get_pass(options.method, **({"data_free": True} if options.data_free else {}))
+def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationSource, timer: StageTimer,
+                   device: str = "cpu") -> Report:
+    on_device = device != "cpu" and takes_option(options.method, "device")  # the others compute in numpy
+    method = get_pass(options.method, **({"data_free": True} if options.data_free else {}),
+                      **({"device": device} if on_device else {}))
     check_options(options, method.name, method.needs, method.takes_new_bias)
     with timer.stage("discover"):
         discovery = discover(model)
@@ -233,6 +243,7 @@ class CalibrationSource:
         self.model_path, self.model, self.calib, self.timer = model_path, model, calib, timer
         self._samples, self._stats, self._stats_record = samples, stats, stats_record
         self._used: dict | None = record  # samples drawn elsewhere from a known source (recipes)
+        self.providers: list[str] | None = None  # onnxruntime's, for calibration (onnxprune.device)
 
     def samples(self) -> list[dict[str, np.ndarray]]:
         if self._samples is None:
@@ -264,7 +275,8 @@ def owl_allocation(model: ir.Model, targets: list[Target], options: PruneOptions
     """OWL's per-block sparsity from dense-model Wanda scores."""
     if options.pattern.is_nm:
         raise UserError("--allocation owl sets a sparsity per block; it needs unstructured --sparsity, not N:M")
-    stats = samples.stats_file() or calibrate(model, [targets], samples.samples(), frozenset({"sq_sum"}))
+    stats = samples.stats_file() or calibrate(model, [targets], samples.samples(), frozenset({"sq_sum"}),
+                                                 providers=samples.providers)
     check_statistics(targets, stats, "owl")
     scores: dict[str, list[np.ndarray]] = {}
     for target in targets:
@@ -305,7 +317,7 @@ def _calibrate_and_prune(model: ir.Model, targets: list[Target], needs: frozense
     groups = group_by_block(targets) if calib.sequential else [targets]
     with timer.stage("calibrate"):  # its load_data and prune stages are timed apart
         calibrate(model, groups, samples.samples(), needs | {"sum"},  # sum: to tell constant activations
-                  lambda group, stats: records.extend(prune(group, stats)))
+                  lambda group, stats: records.extend(prune(group, stats)), providers=samples.providers)
     return records
 
 
@@ -334,7 +346,7 @@ def calibrate_model(model: ir.Model, samples: CalibrationSource, include: str | 
     if not targets:
         raise UserError(_nothing_selected_message(samples.model_path or "the model", discovery))
     targets, _ = split_uncalibrated(targets)
-    return calibrate(model, [targets], samples.samples(), frozenset(needs))
+    return calibrate(model, [targets], samples.samples(), frozenset(needs), providers=samples.providers)
 
 
 def split_uncalibrated(targets: list[Target]) -> tuple[list[Target], list[dict]]:

@@ -575,7 +575,7 @@ def prune_structured(model: ir.Model, options, samples, timer) -> StructuredRepo
         stats = samples.stats_file()
         if stats is None:
             with timer.stage("calibrate"):  # its load_data stage is timed apart
-                stats = calibrate(model, [plan.consumers()], samples.samples(), needs)
+                stats = calibrate(model, [plan.consumers()], samples.samples(), needs, providers=samples.providers)
         constant = check_statistics(plan.consumers(), stats, method)
     with timer.stage("prune"):
         report = plan.prune(options.pattern.sparsity, method, stats, options.add_bias)

@@ -2,6 +2,7 @@
 subclass decorated with `@register`."""
 
 from onnxprune.passes.base import Layer, NeuronPass, NotApplicable, Pruned, PruningPass, ScorePass
-from onnxprune.passes.registry import available, get_pass, register
+from onnxprune.passes.registry import available, get_pass, register, takes_option
 
-__all__ = ["Layer", "NeuronPass", "NotApplicable", "Pruned", "PruningPass", "ScorePass", "available", "get_pass", "register"]
+__all__ = ["Layer", "NeuronPass", "NotApplicable", "Pruned", "PruningPass", "ScorePass", "available", "get_pass", "register",
+           "takes_option"]

@@ -42,11 +42,13 @@ class Mama(Wanda):
     max_iter = 300  # ~20-50 are needed on heavy-tailed, correlated inputs
     direct_max_kept = 2048  # exact batched Cholesky up to this many kept inputs per row, else CG
 
-    def __init__(self, damp: float | None = None, data_free: bool = False, backend: str | None = None):
+    def __init__(self, damp: float | None = None, data_free: bool = False, backend: str | None = None,
+                 device: str = "cpu"):
         if damp is not None:
             self.damp = damp
         self.data_free = data_free
         self.backend_name = backend  # numpy or torch; None: torch when installed
+        self.device = device  # cuda: the solves in torch on the GPU
         self.last_solve: dict[str, float] = {}  # iterations and residual of the latest `move`
 
     def score(self, layer: Layer) -> np.ndarray:
@@ -83,7 +85,7 @@ class Mama(Wanda):
         outlier channels no longer dominate the conditioning. Since `removed` is zero on K the
         right-hand side is (removed @ (C + λI))_K, i.e. (u @ Ĉ)_K with u = removed / S.
         """
-        xp = backend(self.backend_name, self.name)
+        xp = backend(self.backend_name, self.name, self.device)
         lam = self.damp * np.diagonal(cov, axis1=1, axis2=2).mean(1)
         damped = cov + lam[:, None, None] * np.eye(cov.shape[-1])
         diag = np.diagonal(damped, axis1=1, axis2=2).copy()

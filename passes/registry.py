@@ -31,6 +31,12 @@ def available() -> dict[str, type[PruningPass]]:
     return dict(sorted(_PASSES.items()))
 
 
+def takes_option(name: str, option: str) -> bool:
+    """Whether the method `name` has a constructor option `option` (e.g. device)."""
+    cls = available().get(name)
+    return cls is not None and option in inspect.signature(cls.__init__).parameters
+
+
 def get_pass(name: str, **options) -> PruningPass:
     """An instance of the method `name`; `options` (e.g. data_free=True) go to its constructor."""
     passes = available()

@@ -32,12 +32,14 @@ class SparseGPT(PruningPass):
     blocksize = 128
     percdamp = 0.01
 
-    def __init__(self, blocksize: int | None = None, percdamp: float | None = None, backend: str | None = None):
+    def __init__(self, blocksize: int | None = None, percdamp: float | None = None, backend: str | None = None,
+                 device: str = "cpu"):
         if blocksize is not None:
             self.blocksize = blocksize
         if percdamp is not None:
             self.percdamp = percdamp
         self.backend_name = backend  # of H's factorization: numpy or torch; None: torch when installed
+        self.device = device  # cuda: factorization and column sweep in torch on the GPU
 
     def prune(self, layer: Layer, pattern: Pattern) -> Pruned:
         if pattern.sparsity == 0:
@@ -61,7 +63,7 @@ class SparseGPT(PruningPass):
         group, dead = np.nonzero(np.diagonal(H, axis1=1, axis2=2) == 0)
         H[group, dead, dead] = 1
         W[group, :, dead] = 0
-        solver = backend(self.backend_name, self.name)
+        solver = backend(self.backend_name, self.name, self.device)
         Hinv = self._inverse_cholesky(solver, solver.asarray(H))
         # The column sweep runs on numpy on a CPU even when the factor came from torch: it is
         # thousands of tiny operations, which numpy dispatches faster (benchmarks/solver_backends.py).
