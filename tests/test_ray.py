@@ -99,13 +99,14 @@ def test_ray_sweep_resumes_after_the_driver_is_killed(onnx_dir, eval_txt, tmp_pa
     driver = subprocess.Popen([sys.executable, "-m", "onnxprune", *map(str, args)], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = out / "results.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous for a loaded machine: the loop ends once 2 cells are done
     while driver.poll() is None and time.monotonic() < deadline:
         if results.exists() and len(results.read_text().splitlines()) >= 3:  # the configuration + 2 cells
-            os.killpg(driver.pid, signal.SIGKILL)  # the driver and nothing else: the cluster is the test's
             break
         time.sleep(0.05)
-    driver.wait(timeout=30)
+    if driver.poll() is None:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and nothing else: the cluster is the test's
+    driver.wait(timeout=60)
     first = read(out)
     assert 2 <= len(first) < 1 + 2 * 2, "the driver was not killed mid-sweep"
 
