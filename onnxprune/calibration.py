@@ -260,8 +260,12 @@ def _branch_exposures(segment: Segment, outputs: list[str]) -> dict[ir.Node, lis
             entries = exposed.setdefault(consumer.branch[0], [])
             if all(c.fetched != consumer.fetched for c, _ in entries):
                 x = next((v for v in consumer.node.inputs if v is not None and v.name == consumer.activation), None)
-                dtype = x.dtype if x is not None and x.dtype is not None else target.value.const_value.dtype
-                entries.append((consumer, (dtype if dtype.is_floating_point() else ir.DataType.FLOAT).value))
+                if x is not None and x.dtype is not None:  # integer too (a MatMulInteger's uint8 X)
+                    dtype = x.dtype
+                else:  # untyped: X has the float weight's type
+                    weight = target.value.const_value.dtype
+                    dtype = weight if weight.is_floating_point() else ir.DataType.FLOAT
+                entries.append((consumer, dtype.value))
     return exposed
 
 
