@@ -11,7 +11,7 @@ from onnxprune.errors import UserError
 from onnxprune.extras import is_available
 
 DEVICES = ("auto", "cpu", "cuda")
-CPU_PROVIDERS = ["CPUExecutionProvider"]
+CPU_PROVIDERS = ("CPUExecutionProvider",)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def place(device: str = "auto", solves: bool = True, calibrates: bool = True) ->
     if device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
     if device == "cpu" or not (solves or calibrates):
-        return Placement("cpu", tuple(CPU_PROVIDERS))
+        return Placement("cpu", CPU_PROVIDERS)
     import onnxruntime as ort
 
     ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -45,12 +45,12 @@ def place(device: str = "auto", solves: bool = True, calibrates: bool = True) ->
             reason = "torch is not installed" if not is_available("torch") else "torch sees no CUDA GPU"
             raise UserError(f"--device cuda: {reason} (the GPU solves run in torch: install a CUDA build of "
                             "torch, or use --device cpu)")
-        return Placement("cpu", tuple(CPU_PROVIDERS))
+        return Placement("cpu", CPU_PROVIDERS)
     if not solves and device == "auto" and not ort_cuda:
-        return Placement("cpu", tuple(CPU_PROVIDERS))
+        return Placement("cpu", CPU_PROVIDERS)
     if ort_cuda:
         return Placement("cuda", ("CUDAExecutionProvider", *CPU_PROVIDERS))
-    return Placement("cuda", tuple(CPU_PROVIDERS),
+    return Placement("cuda", CPU_PROVIDERS,
                      "calibration runs on onnxruntime's CPU provider (this onnxruntime has no CUDA provider: "
                      "pip uninstall -y onnxruntime && pip install 'onnxprune[gpu]')"
                      + ("; the solves run on the GPU" if solves else ""))

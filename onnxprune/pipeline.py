@@ -147,8 +147,8 @@ def prune_model(model: ir.Model, options: PruneOptions, samples: CalibrationSour
     timer = timer or StageTimer()
     samples = samples or CalibrationSource(None, model, options.calibration, timer)
     method_needs = getattr(available().get(options.method), "needs", ())
-    placement = place(options.device, solves=takes_option(options.method, "device"),
-                      calibrates=bool(method_needs) or options.allocation == "owl")
+    solves = takes_option(options.method, "device")  # the other methods compute in numpy
+    placement = place(options.device, solves=solves, calibrates=bool(method_needs) or options.allocation == "owl")
     samples.providers = list(placement.providers)
     note = check_target(options.target, options.pattern, options.pattern.structured)
     if options.pattern.structured:  # whole channels out: a smaller dense graph (onnxprune.structured)
@@ -156,7 +156,7 @@ def prune_model(model: ir.Model, options: PruneOptions, samples: CalibrationSour
 
         report = prune_structured(model, options, samples, timer)
     else:
-        report = _prune_weights(model, options, samples, timer, placement.device)
+        report = _prune_weights(model, options, samples, timer, placement.device if solves else "cpu")
         report.notes += [note] if note else []
     report.notes += [placement.note] if placement.note else []
     report.calibration = samples.record()
@@ -183,9 +183,8 @@ def save_pruned(model: ir.Model, report, output: str | Path, external_data: bool
 
 def _prune_weights(model: ir.Model, options: PruneOptions, samples: CalibrationSource, timer: StageTimer,
                    device: str = "cpu") -> Report:
-    on_device = device != "cpu" and takes_option(options.method, "device")  # the others compute in numpy
     method = get_pass(options.method, **({"data_free": True} if options.data_free else {}),
-                      **({"device": device} if on_device else {}))
+                      **({"device": device} if device != "cpu" else {}))
     check_options(options, method.name, method.needs, method.takes_new_bias)
     with timer.stage("discover"):
         discovery = discover(model)

@@ -42,7 +42,7 @@ class Consumer:
 
     @property
     def stat_key(self) -> tuple[str, ...]:
-        return (self.activation, self.form) if self.branch is None else (self.fetched, self.form)
+        return self.fetched, self.form
 
     @property
     def main_node(self) -> ir.Node:
