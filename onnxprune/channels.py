@@ -9,9 +9,12 @@ adds), and the shape constants of the Reshapes that split the channel axis into 
 How a group is found. Every tensor that carries the channel gets an `Axis`: the axis index counted
 from the end (-1 is the last axis, so NumPy broadcasting keeps it) and its size S along that axis.
 A group removes whole *units* (a neuron, a head, a KV group, a filter), and it has one unit count
-U for all its tensors, so a tensor's unit is a block of S/U consecutive indices. Starting from one
+U for all its tensors, so a tensor's unit is a block of S/U consecutive indices, or, where Concat
+and Split move channels around, the axis has a unit map: the unit at each position, -1 for the
+positions of other groups (Torch-Pruning's index mapping, as a table). Starting from one
 producer's output, a breadth-first walk applies one rule per operator, in both directions (forward
-to consumers, backward to producers):
+to consumers, backward to producers); a node is visited again when a Concat/Split widens the map
+of a tensor next to it:
 
 - elementwise ops and activations (Add/Sub/Mul/Div/Where with broadcasting, Relu, Gelu, Erf GELU,
   SiLU = x·Sigmoid(x), Tanh, Cast, ...) keep the axis; an operand of size 1 on it is free, a
@@ -23,6 +26,12 @@ to consumers, backward to producers):
   lowers it to the KV-head count, so a unit is then a KV head with all its query heads); the size
   entries of Reshape/Expand shapes on the channel axis are rewritten (literal constants) or must be
   computed from the shape of a group tensor (dynamic: Shape -> Gather -> Concat, as exported);
+  Resize passes the channel when it scales only the other axes;
+- Concat along the channel axis: input i's positions sit at its offset in the output, so the
+  output carries each input's group on its own positions (and a consumer of it belongs to several
+  groups, one per input); Split along it hands each piece its positions, and its sizes (input or
+  attribute) are rewritten. A residual Add of a piece with a bottleneck's output (YOLOv8's C2f)
+  joins that output to the group; a unit a Concat repeats (SPPF) is removed at every copy;
 - activation x activation MatMul (attention scores, probabilities x V) keeps a head axis that is a
   batch axis of both operands; a contracted channel axis is refused;
 - a MatMul/Gemm/Conv whose weight is a target ends the walk: its output side makes it a producer
@@ -30,8 +39,9 @@ to consumers, backward to producers):
   channel through (a unit is a whole number of groups: its input channels, filters and outputs go
   together and `group` shrinks with them), BatchNormalization with per-channel parameters;
 - normalisations and reductions over the channel axis (LayerNormalization, the Pow/ReduceMean RMSNorm
-  pattern, Softmax over it, GroupNormalization), concatenation or Split along it (fused QKV), graph
-  inputs/outputs and unknown ops refuse the group, with the reason. The walk still covers the rest
+  pattern, Softmax over it, GroupNormalization), a Reshape that splits Concat/Split pieces into
+  heads (fused QKV, a channel shuffle), grouped convs of mapped channels, graph inputs/outputs
+  and unknown ops refuse the group, with the reason. The walk still covers the rest
   of the component, so, e.g., the residual stream of a transformer is one refused group.
 
 Shapes come from onnxruntime's symbolic shape inference on a weightless copy of the graph with
@@ -55,7 +65,12 @@ from onnxprune.targets import Target
 
 # Concrete sizes given to symbolic input dimensions (batch, sequence, ...): distinct odd numbers,
 # unlikely to coincide with model dimensions, so shape arithmetic cannot line up by accident.
-PROBE_DIMS = (3, 7, 5, 11, 13, 17, 19, 23)
+# The last one is given to every symbol beyond the others.
+PROBE_DIMS = (3, 7, 5, 11, 13, 17, 19, 23, 29)
+# Strided CNNs (detectors, U-Nets) concatenate upsampled maps with skip connections: their shapes
+# only resolve for image sizes divisible by the total stride, so a model that leaves tensors
+# unresolved under PROBE_DIMS is probed again with these multiples of 64.
+STRIDED_PROBE_DIMS = tuple(64 * d for d in PROBE_DIMS)
 _WEIGHTLESS_ABOVE = 1024  # initializers larger than this are left out of the shape-inference copy
 
 UNARY = {
@@ -103,19 +118,55 @@ class _Coarsen(Exception):
         self.units = units
 
 
-@dataclass(frozen=True)
-class Axis:
-    axis: int  # negative: counted from the last axis
+UnitMap = tuple[int, ...]  # the unit at each position of an axis; -1: a position of another group
+
+
+class Positions:
+    """A place holding a group's channels on `size` positions of one axis: all of them, unit u at
+    the block [u·size/U, (u+1)·size/U) (`unit_of` None), or as `unit_of` maps them, where a
+    Concat joins channels of several groups or a Split hands out part of them."""
+
     size: int
+    unit_of: UnitMap | None
+
+    def units_at(self, units: int) -> np.ndarray:
+        if self.unit_of is None:
+            return np.arange(self.size) // (self.size // units)
+        return np.asarray(self.unit_of, dtype=np.int64)
+
+    def removed_at(self, units: int, removed: np.ndarray) -> np.ndarray:
+        """Mask of the positions whose unit is `removed`."""
+        return removed_at(self.units_at(units), removed)
+
+
+def removed_at(at: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Mask of the positions of unit indices `at` (-1: not the group's) whose unit is `removed`."""
+    return (at >= 0) & removed[np.maximum(at, 0)]
+
+
+def unit_map(at: np.ndarray, units: int) -> UnitMap | None:
+    """`at` as a Positions.unit_of: None when it is the plain block layout."""
+    size = len(at)
+    if size % units == 0 and np.array_equal(at, np.arange(size) // (size // units)):
+        return None
+    return tuple(int(u) for u in at)
+
+
+@dataclass(frozen=True)
+class Axis(Positions):
+    axis: int  # negative: counted from the last axis
+    size: int  # the tensor's length on that axis
+    unit_of: UnitMap | None = None
 
 
 @dataclass
-class WeightSlice:
+class WeightSlice(Positions):
     """Output rows of a producer or input columns of a consumer, in the stored initializer."""
 
     target: Target
     role: str  # "rows" | "columns"
     size: int
+    unit_of: UnitMap | None = None
 
     @property
     def operand_axis(self) -> int:
@@ -131,30 +182,45 @@ class WeightSlice:
 
 
 @dataclass
-class ConstSlice:
+class ConstSlice(Positions):
     """A constant input of `node` (bias, BatchNorm statistics, depthwise kernel) sliced along `axis`."""
 
     node: ir.Node
     index: int
     axis: int  # non-negative, in the constant
     size: int
+    unit_of: UnitMap | None = None
 
 
 @dataclass
-class ShapeEntry:
-    """One entry of a Reshape/Expand target shape that holds the channel axis' size."""
+class ShapeEntry(Positions):
+    """One entry of a Reshape/Expand/Resize target shape that holds the channel axis' size."""
 
     node: ir.Node  # the node reading the constant that holds the entry
     index: int  # its input index
     element: int  # position inside that constant
     size: int
+    unit_of: UnitMap | None = None
 
 
 @dataclass
-class AttrEdit:
+class AttrEdit(Positions):
     node: ir.Node
     name: str
     size: int
+    unit_of: UnitMap | None = None
+
+
+@dataclass
+class SplitSizes(Positions):
+    """A Split along the channel axis: `lengths` of its pieces, rewritten once channels go, as its
+    `split` input (opset >= 13, replacing `num_outputs`) or attribute."""
+
+    node: ir.Node
+    lengths: tuple[int, ...]
+    by_input: bool
+    size: int  # of the split input
+    unit_of: UnitMap | None = None
 
 
 @dataclass(eq=False)
@@ -166,6 +232,7 @@ class ChannelGroup:
     constants: list[ConstSlice] = field(default_factory=list)
     entries: list[ShapeEntry] = field(default_factory=list)
     attributes: list[AttrEdit] = field(default_factory=list)
+    splits: list[SplitSizes] = field(default_factory=list)
     attention: list[ir.Node] = field(default_factory=list)  # activation x activation MatMuls
     heads: int | None = None  # query heads, when the group runs through attention
     hint: str | None = None  # the kind a refusal revealed (residual stream, fused attention)
@@ -209,14 +276,38 @@ class ChannelGroup:
 # ------------------------------------------------------------------------------------- shapes
 
 
-def static_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
-    """Shapes of every tensor for concrete input sizes (symbolic dims set to `PROBE_DIMS`).
+class Shapes(dict):
+    """Tensor name -> shape, for the sizes `probe` gave the symbolic input dimensions."""
+
+    def __init__(self, shapes: dict[str, tuple[int | None, ...]], probe: tuple[int, ...]) -> None:
+        super().__init__(shapes)
+        self.probe = probe
+
+    @property
+    def unresolved(self) -> int:
+        return sum(None in shape for shape in self.values())
+
+
+def static_shapes(model: ir.Model, probe: tuple[int, ...] | None = None) -> Shapes:
+    """Shapes of every tensor for concrete input sizes: `probe`, or PROBE_DIMS, or
+    STRIDED_PROBE_DIMS when those resolve more tensors (see there).
 
     Runs onnxruntime's symbolic shape inference (falling back to ONNX's with data propagation) on
     a copy of the graph without the large weights: they become graph inputs of the same shape, so
     nothing big is copied.
     """
-    proto = _weightless_proto(model)
+    if probe is not None:
+        return _inferred_shapes(model, probe)
+    shapes = _inferred_shapes(model, PROBE_DIMS)
+    if shapes.unresolved:
+        strided = _inferred_shapes(model, STRIDED_PROBE_DIMS)
+        if strided.unresolved < shapes.unresolved:
+            return strided
+    return shapes
+
+
+def _inferred_shapes(model: ir.Model, probe: tuple[int, ...]) -> Shapes:
+    proto = _weightless_proto(model, probe)
     inferred = None
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -237,10 +328,10 @@ def static_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
             shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-    return shapes
+    return Shapes(shapes, probe)
 
 
-def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
+def _weightless_proto(model: ir.Model, probe_dims: tuple[int, ...]) -> onnx.ModelProto:
     graph = model.graph
     big = {name: value for name, value in graph.initializers.items()
            if value.const_value is not None and value.const_value.size > _WEIGHTLESS_ABOVE}
@@ -263,7 +354,7 @@ def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
             continue
         proto.graph.input.append(onnx.helper.make_tensor_value_info(name, int(tensor.dtype), list(tensor.shape)))
     del proto.graph.value_info[:]  # stale or symbolic: inference recomputes them
-    probe = iter(PROBE_DIMS)
+    probe = iter(probe_dims)
     symbols: dict[str, int] = {}
     for info in proto.graph.input:
         if info.name in big or not info.type.tensor_type.HasField("shape"):
@@ -272,7 +363,7 @@ def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
             if not dim.HasField("dim_value"):
                 key = dim.dim_param or f"?{id(dim)}"
                 if key not in symbols:
-                    symbols[key] = next(probe, 29)
+                    symbols[key] = next(probe, probe_dims[-1])
                 dim.dim_value = symbols[key]
     for info in proto.graph.output:
         info.type.tensor_type.ClearField("shape")
@@ -324,8 +415,18 @@ class _Walk:
         self.a = analysis
         self.group = ChannelGroup(seed, units)
         self.queue: list[ir.Value] = []
-        self.done: set[ir.Node] = set()
-        self.pending_entries: list[tuple[ir.Node, int, int, int, str]] = []
+        self.done: set = set()  # visit keys (see _key)
+        self.pending_entries: dict[tuple[int, int], tuple] = {}  # (node, input index) -> _shape_entry args
+
+    def _key(self, node: ir.Node, anchor: ir.Value):
+        """A node is visited once, but a target layer once per side (its output (rows) and its
+        input (columns) can both be in one group, as in x + conv(x)) and a Concat or Split once
+        from each piece that joins the group."""
+        return (node, anchor) if node.op_type in ("Concat", "Split") or node in self.a.by_node else node
+
+    @staticmethod
+    def _adjacent(value: ir.Value) -> list[ir.Node]:
+        return [n for n in [value.producer(), *(use.node for use in value.uses())] if n is not None]
 
     # -- driving
     def run(self) -> ChannelGroup:
@@ -334,7 +435,7 @@ class _Walk:
         if len(seed.consumers) > 1:
             self.group.reasons.append(f"{seed.name} is shared by {len(seed.consumers)} nodes")
             return self.group
-        self.done.add(node)
+        self.done.add(self._key(node, node.outputs[0]))
         try:
             axis = self._axis_out(node, seed)
             self.member(node.outputs[0], axis)
@@ -344,11 +445,10 @@ class _Walk:
             return self.group
         while self.queue:
             value = self.queue.pop(0)
-            nodes = [value.producer()] + [use.node for use in value.uses()]
-            for node in nodes:
-                if node is None or node in self.done:
+            for node in self._adjacent(value):
+                if self._key(node, value) in self.done:
                     continue
-                self.done.add(node)
+                self.done.add(self._key(node, value))
                 try:
                     self._visit(node, value, self.group.members[value])
                 except Refuse as refusal:
@@ -357,7 +457,7 @@ class _Walk:
                 except _Coarsen:
                     if not self.group.reasons:
                         raise
-        for args in self.pending_entries:
+        for args in self.pending_entries.values():
             try:
                 self._shape_entry(*args)
             except Refuse as refusal:
@@ -371,10 +471,16 @@ class _Walk:
             raise Refuse(f"constant {value.name} would need slicing where it is not a parameter")
         known = self.group.members.get(value)
         if known is not None:
-            if known != axis:
+            if (known.axis, known.size) != (axis.axis, axis.size):
                 raise Refuse(f"{value.name} carries the channel on two axes ({known.axis} and {axis.axis})")
+            merged = self._merged(value, known, axis)
+            if merged != known:  # a Concat/Split piece added positions: walk on from them again
+                self.group.members[value] = merged
+                self.done -= {self._key(node, value) for node in self._adjacent(value)}
+                if value.producer() is not None and not value.is_graph_output():
+                    self.queue.append(value)
             return
-        if axis.size % self.group.units:
+        if axis.unit_of is None and axis.size % self.group.units:
             self._coarsen(math.gcd(self.group.units, axis.size))
         self.group.members[value] = axis
         if value.is_graph_output():
@@ -383,6 +489,34 @@ class _Walk:
             self.group.reasons.append(f"comes from the model input {value.name}")
         else:
             self.queue.append(value)
+
+    def _merged(self, value: ir.Value, known: Axis, axis: Axis) -> Axis:
+        units = self.group.units
+        old, new = known.units_at(units), axis.units_at(units)
+        if ((old >= 0) & (new >= 0) & (old != new)).any():
+            raise Refuse(f"{value.name} holds two channels of the group at one position (Concat/Split pieces "
+                         f"joined in another order)")
+        return Axis(known.axis, known.size, unit_map(np.where(old >= 0, old, new), units))
+
+    @staticmethod
+    def _collect(items: list, item, place) -> None:
+        """Add `item` to one of the group's lists, replacing the one for the same place (`place`
+        gives it): a node is visited again when a Concat/Split widens a member's unit map."""
+        for i, old in enumerate(items):
+            if place(old) == place(item):
+                items[i] = item
+                return
+        items.append(item)
+
+    def weight(self, item: WeightSlice) -> None:
+        self._collect(self.group.weights, item, lambda w: (id(w.target), w.role))
+
+    def constant(self, item: ConstSlice) -> None:
+        self._collect(self.group.constants, item, lambda c: (id(c.node), c.index, c.axis))
+
+    def entry(self, node: ir.Node, index: int, position: int, axis: Axis, kind: str) -> None:
+        """A shape input entry of `node` to check and rewrite once the group is complete."""
+        self.pending_entries[(id(node), index)] = (node, index, position, axis.size, axis.unit_of, kind)
 
     def _coarsen(self, units: int) -> None:
         if not self.group.reasons:
@@ -405,7 +539,7 @@ class _Walk:
         if dim is not None and dim != axis.size:
             raise Refuse(f"{value.name} has size {dim} on the channel axis, expected {axis.size}")
         if self.is_constant(value):
-            self.group.constants.append(ConstSlice(node, index, len(shape) + axis.axis, axis.size))
+            self.constant(ConstSlice(node, index, len(shape) + axis.axis, axis.size, axis.unit_of))
         else:
             self.member(value, axis)
         return True
@@ -448,7 +582,8 @@ class _Walk:
         handler = {
             "MatMul": self._matmul, "Transpose": self._transpose, "Expand": self._expand, "Slice": self._slice,
             "Concat": self._concat, "Split": self._split, "BatchNormalization": self._batchnorm,
-            "InstanceNormalization": self._instancenorm, "Pad": self._pad,
+            "InstanceNormalization": self._instancenorm, "Pad": self._pad, "Resize": self._resize,
+            "Upsample": self._resize,
         }.get(op)
         families = ((UNARY, self._unary), (BROADCAST, self._broadcast), (RESHAPES, self._reshape),
                     (SOFTMAXES, self._softmax), (REDUCES, self._reduce), (POOLS, self._pool), (NORMS, self._norm))
@@ -468,18 +603,18 @@ class _Walk:
             raise Refuse(f"{target.name}: {target.skip_reason or target.structured_reason or 'shared by several nodes'}")
         if anchor is node.outputs[0]:
             expected = self._axis_out(node, target)
-            if axis != expected:
+            if (axis.axis, axis.size) != (expected.axis, expected.size):
                 raise Refuse(f"{node.name}: the channel is not its output axis")
-            self.group.weights.append(WeightSlice(target, "rows", axis.size))
+            self.weight(WeightSlice(target, "rows", axis.size, axis.unit_of))
             if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
                 if self.is_constant(node.inputs[2]):
-                    self.operand(node, 2, Axis(-1, axis.size))
+                    self.operand(node, 2, Axis(-1, axis.size, axis.unit_of))
                 else:
                     raise Refuse(f"{node.name} has a computed bias")
             if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
                 if not self.is_constant(node.inputs[2]):
                     raise Refuse(f"{node.name} has a computed bias")
-                self.group.constants.append(ConstSlice(node, 2, 0, axis.size))
+                self.constant(ConstSlice(node, 2, 0, axis.size, axis.unit_of))
             return
         if anchor is not node.inputs[0]:
             raise Refuse(f"{node.name}: the channel reaches its weight operand")
@@ -489,9 +624,9 @@ class _Walk:
             expected = Axis(-2, target.layout.in_features)
         else:
             expected = Axis(-1, target.layout.in_features)
-        if axis != expected:
+        if (axis.axis, axis.size) != (expected.axis, expected.size):
             raise Refuse(f"{node.name}: the channel is not its reduction axis")
-        self.group.weights.append(WeightSlice(target, "columns", axis.size))
+        self.weight(WeightSlice(target, "columns", axis.size, axis.unit_of))
 
     def _grouped(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         """A grouped (or depthwise) Conv passes the channel through: group j's filters read only
@@ -508,10 +643,12 @@ class _Walk:
             raise Refuse(f"{node.name}: the channel reaches the weight of a grouped convolution")
         if axis.axis != channel:
             raise Refuse(f"{node.name}: grouped convolution over a non-channel axis")
+        if axis.unit_of is not None:
+            raise Refuse(f"{node.name}: grouped convolution of channels joined by Concat or handed out by Split")
         if groups % self.group.units:
             self._coarsen(math.gcd(self.group.units, groups))  # a unit is a whole number of groups
         self._channel_params(node, (1, 2), outputs, "weights")
-        self.group.attributes.append(AttrEdit(node, "group", groups))
+        self._collect(self.group.attributes, AttrEdit(node, "group", groups), lambda a: (id(a.node), a.name))
         self.member(node.inputs[0], inputs)
         self.member(node.outputs[0], outputs)
 
@@ -531,6 +668,8 @@ class _Walk:
 
     def _matmul(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         a, b = node.inputs[0], node.inputs[1]
+        if axis.unit_of is not None:
+            raise Refuse(f"MatMul {node.name} of channels joined by Concat or handed out by Split")
         if self.rank(a) < 2 or self.rank(b) < 2:
             raise Refuse(f"1-D MatMul {node.name}")
         output = node.outputs[0]
@@ -548,7 +687,7 @@ class _Walk:
             if axis.axis <= -3:
                 self.operand(node, 1 if anchor is a else 0, axis)
             self.member(output, axis)
-        if axis.axis <= -3:
+        if axis.axis <= -3 and node not in self.group.attention:
             self.group.attention.append(node)
             a_axis = self.group.members.get(a)
             if a_axis is not None and a_axis.axis == axis.axis:
@@ -558,9 +697,9 @@ class _Walk:
         rank = self.rank(node.inputs[0])
         perm = list(node.attributes.get_ints("perm", list(range(rank))[::-1]))
         if anchor is node.inputs[0]:
-            self.member(node.outputs[0], Axis(perm.index(rank + axis.axis) - rank, axis.size))
+            self.member(node.outputs[0], Axis(perm.index(rank + axis.axis) - rank, axis.size, axis.unit_of))
         else:
-            self.member(node.inputs[0], Axis(perm[rank + axis.axis] - rank, axis.size))
+            self.member(node.inputs[0], Axis(perm[rank + axis.axis] - rank, axis.size, axis.unit_of))
 
     def _reshape(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         source, output = node.inputs[0], node.outputs[0]
@@ -573,16 +712,34 @@ class _Walk:
             raise Refuse(f"unknown shapes around {node.op_type} {node.name}")
         position = len(src_shape) + axis.axis
         q, size = self._align(list(src_shape), position, axis.size, list(dst_shape), node)
-        moved = Axis(q - len(dst_shape), size)
+        moved = Axis(q - len(dst_shape), size, self._moved_map(node, axis, size))
         self.member(dst, moved)
         out_axis = axis if not forward else moved
         if node.op_type == "Reshape":
             out_rank = len(self.shape(output))
-            self.pending_entries.append((node, 1, out_rank + out_axis.axis, out_axis.size, "reshape"))
+            self.entry(node, 1, out_rank + out_axis.axis, out_axis, "reshape")
+
+    def _moved_map(self, node: ir.Node, axis: Axis, size: int) -> UnitMap | None:
+        """The unit map of a mapped channel axis of `axis.size` reshaped to `size`: merged with inner
+        axes (each position repeated), or split with the channel outer, when every block of
+        positions is one unit; a piece of a Split/Concat split into heads (fused QKV) is refused."""
+        if axis.unit_of is None:
+            if size % self.group.units:
+                self._coarsen(math.gcd(self.group.units, size))
+            return None
+        at = axis.units_at(self.group.units)
+        if size >= axis.size and size % axis.size == 0:
+            return unit_map(np.repeat(at, size // axis.size), self.group.units)
+        rows = at.reshape(size, -1) if axis.size % size == 0 else None
+        if rows is None or (rows != rows[:, :1]).any():
+            raise Fused(f"{node.op_type} {node.name} splits channels that a Split or Concat handed out into "
+                        f"several axes (fused projections such as QKV, or a channel shuffle)")
+        return unit_map(rows[:, 0], self.group.units)
 
     def _align(self, src: list, position: int, size: int, dst: list, node: ir.Node) -> tuple[int, int]:
         """The destination axis carrying the channel (and its size). The channel's units stay whole
-        when the axis keeps the same outer extent and its size is a multiple of the unit count."""
+        when the axis keeps the same outer extent (and, see _moved_map, its size is a multiple of
+        the unit count)."""
         src, dst = _resolved(src, position, size, dst)
         if src is None:
             raise Refuse(f"cannot resolve the shapes around {node.op_type} {node.name}")
@@ -594,8 +751,6 @@ class _Walk:
             raise Refuse(f"{node.op_type} {node.name} merges the channel axis with outer axes")
         if math.prod(dst[q:]) != math.prod(src[position:]):
             raise Refuse(f"{node.op_type} {node.name} mixes the channel axis with other axes")
-        if dst[q] % self.group.units:
-            self._coarsen(math.gcd(self.group.units, dst[q]))
         return q, dst[q]
 
     def _expand(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
@@ -607,7 +762,7 @@ class _Walk:
             self.operand(node, 0, axis)
         else:
             self.member(output, axis)
-        self.pending_entries.append((node, 1, out_rank + axis.axis, axis.size, "expand"))
+        self.entry(node, 1, out_rank + axis.axis, axis, "expand")
 
     def _slice(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         if anchor is not node.inputs[0] and anchor is not node.outputs[0]:
@@ -637,7 +792,8 @@ class _Walk:
     def _concat(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         rank = self.rank(node.outputs[0])
         if node.attributes.get_int("axis", 0) % rank == rank + axis.axis:
-            raise Refuse(f"Concat {node.name} joins tensors along the channel axis")
+            self._join(node, node.outputs[0], list(node.inputs), anchor, axis)
+            return
         for index in range(len(node.inputs)):
             if not self.operand(node, index, axis):
                 raise Refuse(f"Concat {node.name}: an input lacks the channel axis")
@@ -645,11 +801,48 @@ class _Walk:
 
     def _split(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         rank = self.rank(node.inputs[0])
-        if node.attributes.get_int("axis", 0) % rank == rank + axis.axis:
-            raise Fused(f"Split {node.name} cuts the channel axis (fused projections such as QKV)")
-        self.member(node.inputs[0], axis)
-        for output in node.outputs:
-            self.member(output, axis)
+        if node.attributes.get_int("axis", 0) % rank != rank + axis.axis:
+            self.member(node.inputs[0], axis)
+            for output in node.outputs:
+                self.member(output, axis)
+            return
+        by_input = self.a.opset >= 13
+        if by_input and len(node.inputs) > 1 and node.inputs[1] is not None and not self.is_constant(node.inputs[1]):
+            raise Refuse(f"Split {node.name} with computed sizes")
+        lengths = self._join(node, node.inputs[0], list(node.outputs), anchor, axis)
+        whole = self.group.members[node.inputs[0]]
+        self._collect(self.group.splits, SplitSizes(node, tuple(lengths), by_input, whole.size, whole.unit_of),
+                      lambda split: id(split.node))
+
+    def _join(self, node: ir.Node, whole: ir.Value, pieces: list[ir.Value], anchor: ir.Value, axis: Axis) -> list[int]:
+        """A Concat output or Split input `whole` is its `pieces` end to end on the channel axis:
+        position p of piece i is position offset_i + p of the whole and holds the same unit, both
+        ways (the concat/split index mapping of Torch-Pruning's dependency graph). A piece holding
+        none of the group's units is not a member. Returns the pieces' lengths."""
+        position = self.rank(whole) + axis.axis
+        lengths = []
+        for piece in pieces:
+            shape = self.shape(piece)
+            if shape is None or len(shape) <= position or shape[position] is None:
+                raise Refuse(f"{node.op_type} {node.name}: unknown size of {piece.name} on the channel axis")
+            lengths.append(shape[position])
+        offsets = np.cumsum([0, *lengths])
+        units = self.group.units
+        if anchor is whole:
+            at = axis.units_at(units)
+            for piece, start, length in zip(pieces, offsets, lengths):
+                part = at[start:start + length]
+                if (part >= 0).any():
+                    self.member(piece, Axis(axis.axis, length, unit_map(part, units)))
+            return lengths
+        parts = []
+        for piece, length in zip(pieces, lengths):
+            known = self.group.members.get(piece)
+            if known is not None and known.axis != axis.axis:
+                raise Refuse(f"{node.op_type} {node.name}: {piece.name} carries the channel on another axis")
+            parts.append(np.full(length, -1) if known is None else known.units_at(units))
+        self.member(whole, Axis(axis.axis, int(offsets[-1]), unit_map(np.concatenate(parts), units)))
+        return lengths
 
     def _channel_axis(self, node: ir.Node) -> int:
         return 1 - self.rank(node.inputs[0])
@@ -662,7 +855,7 @@ class _Walk:
                 continue
             if not self.is_constant(value):
                 raise Refuse(f"{node.op_type} {node.name} with computed {what}")
-            self.group.constants.append(ConstSlice(node, index, 0, axis.size))
+            self.constant(ConstSlice(node, index, 0, axis.size, axis.unit_of))
 
     def _through(self, node: ir.Node, axis: Axis) -> None:
         """The channel passes from the first input to the first output on the same axis."""
@@ -701,6 +894,26 @@ class _Walk:
                 raise Refuse(f"Pad {node.name} pads the channel axis")
         self._through(node, axis)
 
+    def _resize(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
+        """Resize/Upsample keeps the channel when it scales only the other axes (nearest or linear
+        upsampling between a detector's scales); target `sizes` hold the channel count."""
+        if anchor is not node.inputs[0] and anchor is not node.outputs[0]:
+            raise Refuse(f"{node.op_type} {node.name}: the channel reaches its scales or sizes")
+        position = self.rank(node.inputs[0]) + axis.axis
+        late = node.op_type == "Resize" and self.a.opset >= 11
+        scales_slot, sizes_slot = (2, 3) if late else (1, None)
+        if sizes_slot is not None and len(node.inputs) > sizes_slot and node.inputs[sizes_slot] is not None:
+            self.entry(node, sizes_slot, position, axis, "resize")
+        elif len(node.inputs) > scales_slot and node.inputs[scales_slot] is not None:
+            scales = const_tensor(node.inputs[scales_slot])
+            if scales is None:
+                raise Refuse(f"{node.op_type} {node.name} with computed scales")
+            if float(np.asarray(scales.numpy()).reshape(-1)[position]) != 1.0:
+                raise Refuse(f"{node.op_type} {node.name} scales the channel axis")
+        elif list(node.attributes.get_floats("scales", [1.0] * (position + 1)))[position] != 1.0:
+            raise Refuse(f"{node.op_type} {node.name} scales the channel axis")
+        self._through(node, axis)
+
     def _softmax(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         rank = self.rank(node.inputs[0])
         position = rank + axis.axis
@@ -729,12 +942,12 @@ class _Walk:
             position = (kept[len(kept) + axis.axis] if kept is not None else rank + axis.axis)
         if position in axes:
             raise Normalises(f"{node.op_type} {node.name} reduces over the channel axis (a normalisation such as RMSNorm)")
-        self.member(node.inputs[0], Axis(position - rank, axis.size))
+        self.member(node.inputs[0], Axis(position - rank, axis.size, axis.unit_of))
         if node.attributes.get_int("keepdims", 1):
-            self.member(node.outputs[0], Axis(position - rank, axis.size))
+            self.member(node.outputs[0], Axis(position - rank, axis.size, axis.unit_of))
         else:
             kept = [p for p in range(rank) if p not in axes]
-            self.member(node.outputs[0], Axis(kept.index(position) - len(kept), axis.size))
+            self.member(node.outputs[0], Axis(kept.index(position) - len(kept), axis.size, axis.unit_of))
 
     def _norm(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
         op = node.op_type
@@ -750,7 +963,8 @@ class _Walk:
         raise Normalises(f"{op} {node.name} normalises over the channel axis (the residual stream is not pruned)")
 
     # -- shape entries (checked once the group is complete)
-    def _shape_entry(self, node: ir.Node, index: int, position: int, size: int, kind: str) -> None:
+    def _shape_entry(self, node: ir.Node, index: int, position: int, size: int, unit_of: UnitMap | None,
+                     kind: str) -> None:
         holder, element = self._locate(node, index, position)
         if holder is None:
             if not self._reads_group_shape(node.inputs[index]):
@@ -769,7 +983,8 @@ class _Walk:
                 return
         if value != size:
             raise Refuse(f"{node.op_type} {node.name} holds {value} at the channel axis, not {size}")
-        self.group.entries.append(ShapeEntry(consumer, slot, element, size))
+        self._collect(self.group.entries, ShapeEntry(consumer, slot, element, size, unit_of),
+                      lambda e: (id(e.node), e.index, e.element))
 
     def _locate(self, node: ir.Node, index: int, position: int):
         """The constant holding entry `position` of the 1-D tensor `node.inputs[index]`:

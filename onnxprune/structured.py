@@ -26,7 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import __version__
-from onnxprune.channels import ChannelGraph, ChannelGroup, WeightSlice, const_tensor, static_shapes
+from onnxprune.channels import (ChannelGraph, ChannelGroup, SplitSizes, WeightSlice, const_tensor, removed_at,
+                                static_shapes)
 from onnxprune.errors import UserError
 from onnxprune.defaults import STEM, TINY_K
 from onnxprune.spilled import replacement
@@ -201,8 +202,9 @@ class StructuredPlan:
             moves = bias_moves(group, removed, stats) if method == "mama" and removed.any() else {}
             plans.append((group, removed, moves))
         applied = _apply_verified(self.model, self.analysis.shapes, [(g, r) for g, r, _ in plans])
-        kept_rows = {id(w.target): kept_indices(w.size, g.units, r) for g, r, _ in plans if g in applied
-                     for w in g.producers}
+        kept_rows = {id(place.target): np.flatnonzero(~gone)
+                     for key, (place, gone) in _cuts([(g, r) for g, r, _ in plans if g in applied]).items()
+                     if key[0] == "weight" and place.role == "rows"}
         for group, removed, moves in plans:
             if group in applied:
                 moved = _apply_moves(self.model, moves, kept_rows, add_bias) if moves else None
@@ -251,12 +253,14 @@ def count_params(model: ir.Model) -> int:
 def _record(group: ChannelGroup, removed: np.ndarray | None, bias_moved: bool | None = None) -> GroupRecord:
     units = group.units
     kept = units - int(removed.sum()) if removed is not None else units
-    first = group.producers[0].size if group.producers else 0
+    first = group.producers[0] if group.producers else None
+    channels = 0 if first is None else int((first.units_at(units) >= 0).sum())
+    gone = 0 if first is None or removed is None else int(first.removed_at(units, removed).sum())
     return GroupRecord(
         kind=group.kind, unit=group.unit_name,
         producers=[w.target.node_name for w in group.producers],
         consumers=[w.target.node_name for w in group.consumers],
-        units_before=units, units_after=kept, channels_before=first, channels_after=first // units * kept,
+        units_before=units, units_after=kept, channels_before=channels, channels_after=channels - gone,
         heads_before=group.heads, heads_after=None if group.heads is None else group.heads // units * kept,
         removed=[] if removed is None else [int(u) for u in np.flatnonzero(removed)],
         bias_moved=bias_moved, reason=None if removed is not None else (group.reason or "not applied"))
@@ -265,30 +269,31 @@ def _record(group: ChannelGroup, removed: np.ndarray | None, bias_moved: bool | 
 # ------------------------------------------------------------------------------------- scoring
 
 
-def unit_of_channels(size: int, units: int) -> np.ndarray:
-    """Unit index of each of `size` channel indices (units are blocks of size/units)."""
-    return np.arange(size) // (size // units)
-
-
 def _column_units(weight: WeightSlice, units: int, canonical_k: int) -> np.ndarray:
-    """Unit of each canonical input column (Conv's canonical K is (kh, kw, C): channel = j % C)."""
+    """Unit of each canonical input column, -1 for other groups' columns (Conv's canonical K is
+    (kh, kw, C): channel = j % C)."""
     channel = np.arange(canonical_k) % weight.size if weight.target.layout.kind == "conv" else np.arange(canonical_k)
-    return unit_of_channels(weight.size, units)[channel]
+    return weight.units_at(units)[channel]
 
 
 def channel_scores(group: ChannelGroup, method: str, stats: dict[str, dict] | None) -> np.ndarray:
-    """One score per unit; the lowest go."""
+    """One score per unit; the lowest go. A unit a Concat repeats (an SPPF block's pooled copies)
+    counts every column it has."""
     scores = np.zeros(group.units, dtype=np.float64)
+
+    def add(at: np.ndarray, values: np.ndarray) -> None:
+        np.add.at(scores, at[at >= 0], values[at >= 0])
+
     for weight in group.weights:
         canonical = np.abs(weight.target.read()).astype(np.float64)
         if weight.role == "rows":
             if method == "l1":
-                np.add.at(scores, unit_of_channels(weight.size, group.units), canonical.sum(axis=1))
+                add(weight.units_at(group.units), canonical.sum(axis=1))
             continue
         columns = canonical.sum(axis=0)
         if method != "l1":
             columns = columns * np.sqrt(np.asarray(stats[weight.target.name]["sq_sum"], dtype=np.float64))
-        np.add.at(scores, _column_units(weight, group.units, canonical.shape[1]), columns)
+        add(_column_units(weight, group.units, canonical.shape[1]), columns)
     return scores
 
 
@@ -307,7 +312,7 @@ def bias_moves(group: ChannelGroup, removed: np.ndarray, stats: dict[str, dict])
         entry = stats[weight.target.name]
         mean = np.asarray(entry["sum"], dtype=np.float64) / max(int(entry["tokens"]), 1)
         canonical = weight.target.read().astype(np.float64)
-        gone = removed[_column_units(weight, group.units, canonical.shape[1])]
+        gone = removed_at(_column_units(weight, group.units, canonical.shape[1]), removed)
         delta = canonical[:, gone] @ mean[gone]
         node = weight.target.consumers[0].node
         if node.op_type == "Gemm":
@@ -341,13 +346,14 @@ class _Editor:
         value.shape = ir.Shape(array.shape)
         self.undo.append(lambda: (setattr(value, "const_value", old_tensor), setattr(value, "shape", old_shape)))
 
-    def set_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+    def set_input(self, node: ir.Node, index: int, array: np.ndarray, base: str = "bias") -> None:
         """Give input `index` of `node` a new constant value: in place when it is an initializer
-        only this node reads, else as a new initializer (shared and Constant/Identity inputs)."""
-        value = node.inputs[index]
+        only this node reads, else as a new initializer (shared and Constant/Identity inputs, or
+        an absent input, named after `base`)."""
+        value = node.inputs[index] if index < len(node.inputs) else None
         if value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == 1:
             return self.set_value(value, array)
-        name = self.fresh_name(value.name if value is not None and value.name else "bias")
+        name = self.fresh_name(value.name if value is not None and value.name else base)
         array = np.ascontiguousarray(array)
         new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                        const_value=ir.Tensor(array, name=name))
@@ -366,10 +372,18 @@ class _Editor:
         value.shape = shape
         self.undo.append(lambda: setattr(value, "shape", old))
 
-    def set_attribute(self, node: ir.Node, name: str, new: int) -> None:
+    def set_attribute(self, node: ir.Node, name: str, new: int | list[int] | None) -> None:
+        """Set an int or ints attribute; None removes it."""
         old = node.attributes.get(name)
-        node.attributes[name] = ir.AttrInt64(name, new)
-        self.undo.append(lambda: node.attributes.__setitem__(name, old))
+
+        def put(attr) -> None:
+            if attr is None:
+                node.attributes.pop(name, None)
+            else:
+                node.attributes[name] = attr
+
+        put(None if new is None else ir.AttrInt64s(name, new) if isinstance(new, list) else ir.AttrInt64(name, new))
+        self.undo.append(lambda: put(old))
 
     def slice_weight(self, weight: WeightSlice, keep: np.ndarray) -> None:
         target = weight.target
@@ -391,57 +405,112 @@ class _Editor:
         self.undo.clear()
 
 
-def _apply_group(editor: _Editor, group: ChannelGroup, removed: np.ndarray) -> dict[str, tuple[int, int]]:
-    """Shrink everything the group names; returns the planned new shapes {value name: (axis, size)}."""
-    units, kept = group.units, int((~removed).sum())
+def _cuts(plans: list[tuple[ChannelGroup, np.ndarray]]) -> dict[tuple, tuple]:
+    """What the plans remove: {place key: (place, mask of its positions that go)}, in the
+    positions of the unpruned model. A place several groups share (a Concat output, the columns of
+    its consumers, a Split) is cut once, by all of them."""
+    cuts: dict[tuple, tuple] = {}
 
-    def keep(size: int) -> np.ndarray:
-        return kept_indices(size, units, removed)
+    def cut(key: tuple, place, gone: np.ndarray) -> None:
+        cuts[key] = (place, cuts[key][1] | gone) if key in cuts else (place, gone)
 
-    for weight in group.weights:
-        editor.slice_weight(weight, keep(weight.size))
-    for const in group.constants:
-        array = const_tensor(const.node.inputs[const.index]).numpy()
-        editor.set_input(const.node, const.index, np.take(array, keep(const.size), axis=const.axis))
-    for entry in group.entries:
-        array = np.array(const_tensor(entry.node.inputs[entry.index]).numpy(), copy=True)
-        array.reshape(-1)[entry.element] = entry.size // units * kept
-        editor.set_input(entry.node, entry.index, array)
-    for attr in group.attributes:
-        editor.set_attribute(attr.node, attr.name, attr.size // units * kept)
+    for group, removed in plans:
+        units = group.units
+        for w in group.weights:
+            cut(("weight", id(w.target), w.stored_axis), w, w.removed_at(units, removed))
+        for c in group.constants:
+            cut(("constant", id(c.node), c.index, c.axis), c, c.removed_at(units, removed))
+        for e in group.entries:
+            cut(("entry", id(e.node), e.index, e.element), e, e.removed_at(units, removed))
+        for a in group.attributes:
+            cut(("attribute", id(a.node), a.name), a, a.removed_at(units, removed))
+        for split in group.splits:
+            cut(("split", id(split.node)), split, split.removed_at(units, removed))
+        for value, axis in group.members.items():
+            cut(("member", value.name), (value, axis), axis.removed_at(units, removed))
+    return cuts
+
+
+def _cut_constant(editor: _Editor, const, gone: np.ndarray) -> None:
+    array = const_tensor(const.node.inputs[const.index]).numpy()
+    editor.set_input(const.node, const.index, np.take(array, np.flatnonzero(~gone), axis=const.axis))
+
+
+def _cut_entry(editor: _Editor, entry, gone: np.ndarray) -> None:
+    array = np.array(const_tensor(entry.node.inputs[entry.index]).numpy(), copy=True)
+    array.reshape(-1)[entry.element] = entry.size - int(gone.sum())
+    editor.set_input(entry.node, entry.index, array)
+
+
+def _cut_split(editor: _Editor, split: SplitSizes, gone: np.ndarray) -> None:
+    starts = np.cumsum([0, *split.lengths])
+    sizes = [length - int(gone[start:start + length].sum()) for start, length in zip(starts, split.lengths)]
+    if not split.by_input:
+        return editor.set_attribute(split.node, "split", sizes)
+    editor.set_input(split.node, 1, np.array(sizes, dtype=np.int64), base=f"{split.node.name}.split")
+    if "num_outputs" in split.node.attributes:  # opset 18: sizes and num_outputs exclude each other
+        editor.set_attribute(split.node, "num_outputs", None)
+
+
+_CUTTERS = {  # place kind -> how it loses the masked positions
+    "weight": lambda editor, weight, gone: editor.slice_weight(weight, np.flatnonzero(~gone)),
+    "constant": _cut_constant,
+    "entry": _cut_entry,
+    "attribute": lambda editor, attr, gone: editor.set_attribute(attr.node, attr.name, attr.size - int(gone.sum())),
+    "split": _cut_split,
+    "member": lambda editor, member, gone: editor.set_shape(member[0], None),  # stale: ORT would reject it
+}
+
+
+def _apply_cuts(editor: _Editor, cuts: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
+    """Shrink every place; returns the planned new shapes {value name: (axis, size)}."""
     planned = {}
-    for value, axis in group.members.items():
-        editor.set_shape(value, None)  # stale: onnxruntime would reject the old size
-        planned[value.name] = (axis.axis, axis.size // units * kept)
+    for key, (place, gone) in cuts.items():
+        _CUTTERS[key[0]](editor, place, gone)
+        if key[0] == "member":
+            planned[key[1]] = (place[1].axis, place[1].size - int(gone.sum()))
     return planned
+
+
+def _refuse_clashes(plans: list[tuple[ChannelGroup, np.ndarray]]) -> None:
+    """Two groups may share a tensor on disjoint positions (the inputs of a Concat), never a position."""
+    claims: dict[str, tuple[int, np.ndarray, ChannelGroup]] = {}
+    for group, _ in plans:
+        mine = {value.name: (axis.axis, axis.units_at(group.units) >= 0) for value, axis in group.members.items()}
+        clash = next((claims[name][2] for name, (axis, held) in mine.items() if name in claims
+                      and (claims[name][0] != axis or (claims[name][1] & held).any())), None)
+        if clash is not None:
+            group.reasons.append(f"overlaps the group of {clash.producers[0].target.node_name}")
+            continue
+        for name, (axis, held) in mine.items():
+            claims[name] = (axis, held | claims[name][1] if name in claims else held, group)
 
 
 def _apply_verified(model: ir.Model, before: dict, plans: list[tuple[ChannelGroup, np.ndarray]]) -> set:
     """Apply the plans and re-infer the shapes; a group whose tensors do not come out as planned is
     put back and refused. One inference when all is well; on a failure, bisection finds the bad
-    groups (a broken group can leave the whole graph unresolvable). Returns the groups applied."""
-    owner: dict[str, ChannelGroup] = {}
-    for group, _ in plans:
-        clash = next((owner[v.name] for v in group.members if v.name in owner), None)
-        if clash is not None:
-            group.reasons.append(f"overlaps the group of {clash.producers[0].target.node_name}")
-        else:
-            owner.update({value.name: group for value in group.members})
+    groups (a broken group can leave the whole graph unresolvable). Every attempt cuts the groups
+    accepted so far and the new batch together from the unpruned model, since groups share places.
+    Returns the groups applied."""
+    _refuse_clashes(plans)
     active = [(g, r) for g, r in plans if g.prunable and r.any()]
     applied = {g for g, r in plans if g.prunable and not r.any()}
     skip = set(model.graph.initializers)
-    planned: dict[str, tuple[int, int]] = {}
+    accepted: list[tuple[ChannelGroup, np.ndarray]] = []
+    held: list[_Editor] = []  # the edits of `accepted`, while the model holds them
 
     def attempt(batch) -> list[str]:
-        editor, changes = _Editor(model), {}
-        for group, removed in batch:
-            changes.update(_apply_group(editor, group, removed))
-        failed = _shape_mismatches(model, before, {**planned, **changes}, skip)
+        for editor in held:
+            editor.rollback()
+        held.clear()
+        editor = _Editor(model)
+        planned = _apply_cuts(editor, _cuts(accepted + batch))
+        failed = _shape_mismatches(model, before, planned, skip)
         if failed:
             editor.rollback()
         else:
-            planned.update(changes)
-            applied.update(g for g, _ in batch)
+            accepted.extend(batch)
+            held.append(editor)
         return failed
 
     def search(batch) -> None:
@@ -453,12 +522,14 @@ def _apply_verified(model: ir.Model, before: dict, plans: list[tuple[ChannelGrou
             search(batch[len(batch) // 2:])
 
     search(active)
-    return applied
+    if accepted and not held:
+        _apply_cuts(_Editor(model), _cuts(accepted))
+    return applied | {group for group, _ in accepted}
 
 
 def _shape_mismatches(model: ir.Model, before: dict, planned: dict, skip: set[str]) -> list[str]:
     try:
-        after = static_shapes(model)
+        after = static_shapes(model, getattr(before, "probe", None))
     except Exception as exc:  # noqa: BLE001
         return [f"shape inference failed: {exc}"]
     failed = []
@@ -475,12 +546,6 @@ def _shape_mismatches(model: ir.Model, before: dict, planned: dict, skip: set[st
         if tuple(expected) != tuple(after[name]):
             failed.append(name)
     return failed
-
-
-def kept_indices(size: int, units: int, removed: np.ndarray) -> np.ndarray:
-    """The indices of an axis of `size` (blocks of size/units per unit) that stay."""
-    block = size // units
-    return (np.flatnonzero(~removed)[:, None] * block + np.arange(block)).ravel()
 
 
 def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:

@@ -25,10 +25,10 @@ def weight(shape, seed: int, dtype=np.float32) -> np.ndarray:
     return values.astype(dtype)
 
 
-def make_model(nodes, inputs, outputs, initializers, name: str = "test") -> onnx.ModelProto:
+def make_model(nodes, inputs, outputs, initializers, name: str = "test", opset: int = OPSET) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, name, inputs, outputs,
                               [numpy_helper.from_array(array, key) for key, array in initializers.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model
 

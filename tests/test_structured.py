@@ -23,7 +23,7 @@ from graphs import make_model, save
 from onnxprune.calibration import calibrate
 from onnxprune.model_io import load_model, save_model
 from onnxprune.patterns import parse_pattern
-from onnxprune.structured import METHOD_NEEDS, StructuredPlan, structured_prune, unit_of_channels
+from onnxprune.structured import METHOD_NEEDS, StructuredPlan, structured_prune
 from onnxprune.errors import UserError
 
 TOL = 1e-5
@@ -56,7 +56,7 @@ def zero_random_units(source, dest, sparsity: float, kinds, seed: int = 0, inclu
         for weight in group.weights:
             stored = weight.target.value.const_value.numpy().copy()
             index = [slice(None)] * stored.ndim
-            index[weight.stored_axis] = np.flatnonzero(np.isin(unit_of_channels(weight.size, group.units), units))
+            index[weight.stored_axis] = np.flatnonzero(np.isin(weight.units_at(group.units), units))
             stored[tuple(index)] = 0.0
             weight.target.write(weight.target.layout.to_canonical(stored))
         chosen.append([int(u) for u in units])
