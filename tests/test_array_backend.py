@@ -118,4 +118,4 @@ def test_mama_on_numpy_equals_torch(pattern, solver):
     np.testing.assert_allclose(b_np, b_torch, rtol=1e-3, atol=1e-3)
     iterations = [m.last_solve["iterations"] for m in methods]
     assert iterations == [0, 0] if solver == "cholesky" else min(iterations) > 0
-    assert all(m.last_solve["residual"] < 1e-4 for m in methods)
+    assert max(iterations) < Mama.max_iter  # CG stopped by its rule, not by the cap
