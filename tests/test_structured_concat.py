@@ -10,6 +10,9 @@ outputs equal the zeroed dense model's.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -63,7 +66,8 @@ def upsample_model() -> onnx.ModelProto:
 
 def test_channels_pass_through_resize_between_scales(tmp_path):
     source = save(upsample_model(), tmp_path / "upsample.onnx")
-    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), seq=16)
+    # feeds give every symbolic dimension of a float input feeds_batch: 16 x 16 images (two stride-2 convs)
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), feeds_batch=16)
     joined = next(g for g in report.pruned if "/layers.0.conv/Conv" in g.producers)
     assert joined.producers == ["/layers.0.conv/Conv", "/layers.1.conv/Conv"] and joined.units_after == 4
 
@@ -94,7 +98,7 @@ def weight_shapes(path) -> dict[str, tuple[int, ...]]:
 
 def test_concat_of_channels_prunes_each_input_at_its_offset(tmp_path):
     source = save(concat_model(), tmp_path / "concat.onnx")
-    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), seq=6)
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), feeds_batch=6)
     by_producer = {g.producers[0]: g for g in report.groups}
     a, b = by_producer["/layers.1.conv/Conv"], by_producer["/layers.2.conv/Conv"]
     assert a.reason is None and b.reason is None and (a.units_after, b.units_after) == (4, 4)
@@ -141,7 +145,7 @@ def c2f_model(form: str) -> onnx.ModelProto:
 @pytest.mark.parametrize("form", sorted(SPLIT_FORMS))
 def test_c2f_split_and_concat_prune_every_piece(tmp_path, form):
     source = save(c2f_model(form), tmp_path / "c2f.onnx")
-    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), seq=6)
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), feeds_batch=6)
     by_producer = {g.producers[0]: g for g in report.groups}
     cv1 = by_producer["/layers.1.cv1.conv/Conv"]
     # the shortcut joins the second half, the bottleneck's output and its last conv into cv1's group
@@ -151,7 +155,8 @@ def test_c2f_split_and_concat_prune_every_piece(tmp_path, form):
     pruned = onnx.load(str(tmp_path / "pruned.onnx"))
     shapes = weight_shapes(tmp_path / "pruned.onnx")
     kept = {"half0": 6 - sum(u < 6 for u in cv1.removed), "half1": 6 - sum(u >= 6 for u in cv1.removed)}
-    assert shapes["layers.1.cv1.weight"][0] == 6 and shapes["layers.1.cv2.weight"][1] == kept["half0"] + 2 * kept["half1"] + 3
+    assert shapes["layers.1.cv1.weight"][0] == 6
+    assert shapes["layers.1.cv2.weight"][1] == kept["half0"] + 2 * kept["half1"] + 3  # the second half twice
     split = next(n for n in pruned.graph.node if n.op_type == "Split")
     if form == "attribute":
         sizes = list(next(a for a in split.attribute if a.name == "split").ints)
@@ -177,7 +182,7 @@ def split_consumers_model() -> onnx.ModelProto:
 
 def test_split_pieces_feeding_different_consumers(tmp_path):
     source = save(split_consumers_model(), tmp_path / "split.onnx")
-    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), seq=6)
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), feeds_batch=6)
     split = next(g for g in report.pruned if g.producers == ["/layers.0.conv/Conv"])
     assert sorted(split.consumers) == ["/layers.2.conv/Conv", "/layers.3.conv/Conv"] and split.units_after == 6
     shapes = weight_shapes(tmp_path / "pruned.onnx")
@@ -207,8 +212,20 @@ def shuffle_model() -> onnx.ModelProto:
 
 def test_channel_shuffle_after_concat_is_refused_with_its_reason(tmp_path):
     source = save(shuffle_model(), tmp_path / "shuffle.onnx")
-    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), seq=6)
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), feeds_batch=6)
     reasons = {g.producers[0]: g.reason for g in report.groups}
     for conv in ("/layers.1.conv/Conv", "/layers.2.conv/Conv"):
         assert "/layers.3.grouped/Reshape splits channels that a Split or Concat handed out" in reasons[conv]
     assert reasons["/layers.0.conv/Conv"] is None  # the rest of the model is still pruned
+
+
+@pytest.mark.slow
+def test_yolov8n_every_default_conv_group_is_pruned_exactly(tmp_path):
+    """YOLOv8n as the nudenet wheel ships it: C2f, SPPF and the FPN's upsampled concats."""
+    spec = importlib.util.find_spec("nudenet")
+    source = None if spec is None or spec.origin is None else Path(spec.origin).parent / "320n.onnx"
+    if source is None or not source.is_file():
+        pytest.skip("nudenet is not installed")
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.3, ("conv",), feeds_batch=64)  # 64 x 64
+    assert not report.refused, [(g.producers, g.reason) for g in report.refused]
+    assert {"/model.2/cv1/conv/Conv", "/model.9/cv1/conv/Conv"} <= {p for g in report.pruned for p in g.producers}
