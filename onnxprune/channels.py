@@ -18,7 +18,8 @@ of a tensor next to it:
 
 - elementwise ops and activations (Add/Sub/Mul/Div/Where with broadcasting, Relu, Gelu, Erf GELU,
   SiLU = x·Sigmoid(x), Tanh, Cast, ...) keep the axis; an operand of size 1 on it is free, a
-  constant of size S is a per-channel parameter sliced with the channel, another tensor of size S
+  constant of size S is a per-channel parameter sliced with the channel (also behind a Reshape
+  that makes it broadcast, as paddle2onnx writes biases), another tensor of size S
   joins the group (so gate·up joins gate_proj and up_proj, and a residual Add pulls in the skip
   path and everything on it);
 - Transpose, Reshape, Flatten, Squeeze, Unsqueeze move the axis; a Reshape that splits the channel
@@ -283,9 +284,10 @@ class Shapes(dict):
         super().__init__(shapes)
         self.probe = probe
 
-    @property
-    def unresolved(self) -> int:
-        return sum(None in shape for shape in self.values())
+    def unresolved(self, model: ir.Model) -> int:
+        """How many node outputs have no shape, or one with an unknown dimension."""
+        return sum(value.name not in self or None in self[value.name]
+                   for node in model.graph for value in node.outputs if value.name)
 
 
 def static_shapes(model: ir.Model, probe: tuple[int, ...] | None = None) -> Shapes:
@@ -299,9 +301,10 @@ def static_shapes(model: ir.Model, probe: tuple[int, ...] | None = None) -> Shap
     if probe is not None:
         return _inferred_shapes(model, probe)
     shapes = _inferred_shapes(model, PROBE_DIMS)
-    if shapes.unresolved:
+    unresolved = shapes.unresolved(model)
+    if unresolved:
         strided = _inferred_shapes(model, STRIDED_PROBE_DIMS)
-        if strided.unresolved < shapes.unresolved:
+        if strided.unresolved(model) < unresolved:
             return strided
     return shapes
 
@@ -713,7 +716,10 @@ class _Walk:
         position = len(src_shape) + axis.axis
         q, size = self._align(list(src_shape), position, axis.size, list(dst_shape), node)
         moved = Axis(q - len(dst_shape), size, self._moved_map(node, axis, size))
-        self.member(dst, moved)
+        if not forward and self.is_constant(dst):  # a per-channel constant reshaped to broadcast (paddle2onnx)
+            self.constant(ConstSlice(node, 0, len(dst_shape) + moved.axis, size, moved.unit_of))
+        else:
+            self.member(dst, moved)
         out_axis = axis if not forward else moved
         if node.op_type == "Reshape":
             out_rank = len(self.shape(output))

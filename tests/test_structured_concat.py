@@ -219,6 +219,30 @@ def test_channel_shuffle_after_concat_is_refused_with_its_reason(tmp_path):
     assert reasons["/layers.0.conv/Conv"] is None  # the rest of the model is still pruned
 
 
+def paddle_bias_model() -> onnx.ModelProto:
+    """paddle2onnx's bias: a Constant [C] reshaped to [1, C, 1, 1] and added after a bias-less Conv."""
+    net = Net()
+    stem = net.conv("layers.0", "X", 8, k=3)
+    net.inits["layers.1.weight"] = net.rng.standard_normal((12, 8, 3, 3)).astype(np.float32)
+    conv = net.node("Conv", [stem, "layers.1.weight"], "layers.1.conv", 12, pads=[1] * 4)
+    bias = onnx.numpy_helper.from_array(net.rng.standard_normal(12).astype(np.float32), "layers.1.offset")
+    net.nodes.append(helper.make_node("Constant", [], ["layers.1.offset"], name="/layers.1/Constant", value=bias))
+    net.inits["layers.1.shape"] = np.array([1, 12, 1, 1], np.int64)
+    broadcast = net.node("Reshape", ["layers.1.offset", "layers.1.shape"], "layers.1.broadcast", 12)
+    biased = net.node("Add", [conv, broadcast], "layers.1.add", 12)
+    return net.model(net.conv("layers.2", net.node("Relu", [biased], "layers.1.relu", 12), 4))
+
+
+def test_a_reshaped_constant_bias_is_sliced_with_its_channels(tmp_path):
+    source = save(paddle_bias_model(), tmp_path / "paddle.onnx")
+    report = assert_zeroed_channels_removed_exactly(tmp_path, source, 0.5, ("conv",), feeds_batch=6)
+    assert next(g for g in report.groups if g.producers == ["/layers.1.conv/Conv"]).units_after == 6
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    reshape = next(n for n in pruned.graph.node if n.name == "/layers.1.broadcast/Reshape")
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert arrays[reshape.input[0]].shape == (6,) and list(arrays[reshape.input[1]]) == [1, 6, 1, 1]
+    assert not any(n.op_type == "Constant" for n in pruned.graph.node)  # the unsliced bias is gone
+
 @pytest.mark.slow
 def test_yolov8n_every_default_conv_group_is_pruned_exactly(tmp_path):
     """YOLOv8n as the nudenet wheel ships it: C2f, SPPF and the FPN's upsampled concats."""
