@@ -40,11 +40,12 @@ class Mama(Wanda):
     damp = 0.01  # λ relative to mean(diag C); see `move`
     # CG stops when a step gains less than tol of the error reduction so far: on all-MiniLM-L6-v2's
     # layers the output error then exceeds the exact solve's by 2e-5 to 1e-4 of MAMA's gain over
-    # Wanda, after 27-78 iterations (1e-6: 34-117). benchmarks/mama_solvers.py
+    # Wanda, after 24-78 iterations (1e-6: 34-117). benchmarks/mama_solvers.py
     tol = 1e-5
     max_iter = 300
     # Exact batched Cholesky up to this many kept inputs per row (depthwise kernels, stems), else CG:
-    # gathering and factoring a k×k block per row is slower than CG from about 64 kept inputs on.
+    # gathering and factoring a k×k block per row is slower than CG from about 32 kept inputs on
+    # (as fast at K = 64, 1.9-10x slower above: benchmarks/mama_solvers.py).
     direct_max_kept = 32
 
     def __init__(self, damp: float | None = None, data_free: bool = False, backend: str | None = None,
