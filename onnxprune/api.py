@@ -13,15 +13,18 @@ Bad input raises `onnxprune.errors.UserError` with the message the CLI would pri
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune import __version__
 from onnxprune.errors import UserError
 from onnxprune.model_io import check_output_path, load_model, resolve_model_path
 from onnxprune.samples import CalibrationOptions
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     import onnx
 
     from onnxprune.evaluation import PerplexityResult
-    from onnxprune.pipeline import Report
+    from onnxprune.report import Report
     from onnxprune.structured import StructuredReport
 
 ModelLike = Union[str, os.PathLike, "onnx.ModelProto", ir.Model, "PruneResult"]
@@ -199,6 +202,7 @@ def sweep(model: str | os.PathLike, output: str | os.PathLike, methods: Sequence
     to 0.99). Resumable like the CLI. `ray="auto"` (or a cluster's address) runs each cell as a
     Ray task reserving `cell_cpus` / `cell_gpus`."""
     from onnxprune.distributed import ClusterOptions
+    from onnxprune.ray_sweep import ray_runner
     from onnxprune.sweeps import DEFAULT_LEVELS, DEFAULT_METHODS, SweepConfig, run_sweep
 
     path = resolve_model_path(model)
@@ -207,15 +211,53 @@ def sweep(model: str | os.PathLike, output: str | os.PathLike, methods: Sequence
     config = SweepConfig(list(methods or DEFAULT_METHODS), [float(v) for v in levels or DEFAULT_LEVELS],
                          list(patterns), _str(calib), str(eval), Path(output), nsamples, seqlen, _str(tokenizer), prompt, max_new_tokens, max_windows,
                          one_shot, keep_models, seed)
-    cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
-    return run_sweep(path, config, cluster)
+    runner = None if ray is None else ray_runner(ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage))
+    return run_sweep(path, config, runner)
 
 
 def run_recipe(recipe, model: ModelLike, *, calib: CalibLike = None, tokenizer: str | os.PathLike | None = None):
-    """Run a recipe's stages in order on `model` (see `onnxprune.recipe`); returns a `PruneResult`."""
-    from onnxprune.recipe import run_recipe as run
+    """Run a recipe's stages (`onnxprune.recipe`) in order on `model`; a `PruneResult` whose report
+    is a `RecipeReport`. `calib` replaces the recipe's calibration source."""
+    from onnxprune.pipeline import CalibrationSource, StageTimer, prune_model
+    from onnxprune.quantization import QuantizeOptions, quantize_model
+    from onnxprune.recipe import RecipeReport, load_recipe, needs_data, prune_options
+    from onnxprune.samples import calibration_metadata
 
-    return run(recipe, model, calib=calib, tokenizer=tokenizer)
+    recipe = load_recipe(recipe)
+    config = recipe.calibration
+    source_name = str(calib) if isinstance(calib, (str, os.PathLike)) else config.source
+    calibration = CalibrationOptions(source_name, config.nsamples, config.seqlen,
+                                     str(tokenizer) if tokenizer else config.tokenizer, config.seed)
+    current, source = _load(model)
+    report = RecipeReport(__version__, str(source) if source else "<in memory>", "", recipe.to_dict(), recipe.sha256)
+    started = time.perf_counter()
+    in_memory = None if isinstance(calib, (str, os.PathLike)) else calib
+    first = _calibration_source(current, source, calibration, in_memory, None, StageTimer())
+    data_stages = [s for s in recipe.stages if needs_data(s)]
+    samples = first.samples() if data_stages else None  # drawn once, shared by every stage
+    report.calibration = first.record() if data_stages else {}
+    for stage in recipe.stages:
+        stage_start = time.perf_counter()
+        if stage.kind == "prune":
+            options = prune_options(stage.config, calibration if needs_data(stage) else None)  # data only where used
+            timer = StageTimer()
+            stage_source = CalibrationSource(source, current, calibration, timer, samples,
+                                             record=report.calibration or None)
+            result = prune_model(current, options, stage_source, timer)
+            summary = PruneResult(current, result, source).summary()
+            entry = {"name": stage.name, "kind": "prune", "summary": summary, "report": result.to_dict()}
+        else:
+            current, result = quantize_model(current, QuantizeOptions(**asdict(stage.config)), samples)
+            summary = (f"{result['mode']}: {result['quantized_layers']} quantized weights, "
+                       f"{result['zeros_before']:,} pruned zeros kept")
+            entry = {"name": stage.name, "kind": "quantize", "summary": summary, "report": result}
+        report.stages.append(entry)
+        report.timings_s[stage.name] = round(time.perf_counter() - stage_start, 6)
+    report.timings_s["total"] = round(time.perf_counter() - started, 6)
+    current.metadata_props.update({"onnxprune.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                                   "onnxprune.recipe_sha256": recipe.sha256,
+                                   **{f"onnxprune.{k}": v for k, v in calibration_metadata(report.calibration).items()}})
+    return PruneResult(current, report, source)
 
 
 # ------------------------------------------------------------------------------------ helpers

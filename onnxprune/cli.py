@@ -310,6 +310,7 @@ def sweep(
 ) -> None:
     """Methods × levels (and N:M patterns): perplexity table, timing, samples and a plot; resumable."""
     from onnxprune.distributed import ClusterOptions
+    from onnxprune.ray_sweep import ray_runner
     from onnxprune.extras import is_available, missing_extra_message
     from onnxprune.sweeps import SweepConfig, run_sweep
 
@@ -319,9 +320,9 @@ def sweep(
                          eval_source, out_dir, nsamples, _seqlen(model, seqlen, calib), _optional_str(tokenizer),
                          prompt, max_new_tokens,
                          max_windows, one_shot, keep_models)
-    cluster = None if ray is None else ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage)
+    runner = None if ray is None else ray_runner(ClusterOptions(ray, cell_cpus, cell_gpus, max_retries, shared_storage))
     check_writable_dir(out_dir)
-    results = run_sweep(_existing_model(model), config, cluster)
+    results = run_sweep(_existing_model(model), config, runner)
     failed = [r for r in results if r["status"] == "error"]
     emit_json({"output": str(out_dir), "cells": results})
     console.result(f"{len(results)} cells in {out_dir}/results.jsonl ({len(failed)} failed); tables in "

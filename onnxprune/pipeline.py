@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,9 @@ from onnxprune.model_io import (check_output_path, external_data_file, load_mode
 from onnxprune.passes import Layer, NotApplicable, Pruned, PruningPass, available, get_pass, takes_option
 from onnxprune.patterns import Pattern, nm_valid, sparsity_of
 from onnxprune.progress import progress_bar
-from onnxprune.samples import (CalibrationOptions, calibration_metadata, calibration_record, calibration_samples,
-                               samples_record, stats_file_record)
+from onnxprune.report import Report, TargetRecord
+from onnxprune.samples import (CalibrationOptions, calibration_record, calibration_samples, samples_record,
+                               stats_file_record)
 from onnxprune.spilled import replacement, spilling_beside
 from onnxprune.stats_file import load_stats, save_stats
 from onnxprune.statistics import STAT_KEYS, per_row, statistics_width
@@ -49,55 +50,6 @@ class PruneOptions:
     target: str = "dense"  # hardware emitter: dense | compressed | tensorrt | cpu (onnxprune.emit)
     kinds: tuple[str, ...] | None = None  # structured: which channel groups (ffn, heads, conv); None: all
     device: str = "auto"  # auto | cpu | cuda: solver passes in torch on the GPU, calibration on ORT's CUDA EP
-
-
-@dataclass
-class TargetRecord:
-    name: str
-    node: str
-    op: str
-    shape: list[int]
-    block: str | None
-    params: int
-    zeros: int
-    sparsity: float
-    nm_valid: bool | None
-    bias_changed: bool = False
-
-
-@dataclass
-class Report:
-    onnxprune_version: str
-    input: str
-    output: str
-    method: str
-    pattern: str
-    sparsity: float
-    seed: int
-    targets: list[TargetRecord] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)  # selected, but left dense: {name, node, reason}
-    untouched: list[dict] = field(default_factory=list)  # found, not selected: {name, node, op, params, reason}
-    allocation: dict[str, float] = field(default_factory=dict)  # per-block sparsity when not uniform
-    emit: dict = field(default_factory=dict)  # what the hardware emitter did (onnxprune.emit)
-    notes: list[str] = field(default_factory=list)  # advice for the user
-    calibration: dict = field(default_factory=dict)  # the data used and its hash (samples.calibration_record)
-    companions: list[str] = field(default_factory=list)  # tokenizer / config files copied beside the output
-    timings_s: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def totals(self) -> dict:
-        params = sum(t.params for t in self.targets)
-        zeros = sum(t.zeros for t in self.targets)
-        return {"targets": len(self.targets), "params": params, "zeros": zeros,
-                "sparsity": zeros / params if params else 0.0}
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "totals": self.totals}
-
-    def provenance(self) -> dict:
-        """Extra metadata_props entries for the output model (beyond method, pattern, sparsity)."""
-        return {"targets": len(self.targets), "target": self.emit.get("target", "dense"),
-                **calibration_metadata(self.calibration)}
 
 
 class StageTimer:

@@ -11,7 +11,7 @@ Modes (onnxruntime.quantization):
 Symmetric weight quantization maps 0.0 to code 0 (int8) or to the fixed zero point 8 (4-bit), so
 pruned weights stay zero and an N:M pattern survives. That is checked, not assumed: the
 quantized weights are read back in the quantized domain (`onnxprune.quantized`) and compared
-layer by layer with the input (`verification.survival_problems`); a lost zero fails the run
+layer by layer with the input (`layer_checks.survival_problems`); a lost zero fails the run
 (`SparsityLost`, exit code 3) unless `check=False`.
 """
 
@@ -58,7 +58,7 @@ def quantize_model(model: ir.Model, options: QuantizeOptions, samples: list[dict
                    check: bool = True) -> tuple[ir.Model, dict]:
     """A quantized copy of `model` and its report: {mode, layers, zeros_before, zeros_after, problems, ...}."""
     from onnxprune.patterns import parse_pattern
-    from onnxprune.verification import layer_checks, survival_problems
+    from onnxprune.layer_checks import layer_checks, survival_problems
 
     check_options(options)
     if options.mode == "int8-static" and not samples:

@@ -23,14 +23,20 @@ import numpy as np
 from onnxprune import console
 from onnxprune.atomic import atomic_path
 from onnxprune.distributed import (ClusterOptions, Shipped, check_feasible, failure_reason, finished, materialise,
-                                   ray_session, scratch_dir, ship)
+                                   ray_session, require_ray, scratch_dir, ship)
 from onnxprune.errors import UserError
-from onnxprune.sweeps import (SweepConfig, append_result, cell_record, one_shot_statistics, run_cell,
+from onnxprune.sweeps import (CellRunner, SweepConfig, append_result, cell_record, one_shot_statistics, run_cell,
                              shared_calibration)
 
 # Test hook: "METHOD/LABEL" makes the first attempt of that cell kill its worker process, as a
 # crash or an out-of-memory kill would (a marker file in OUT says it already happened).
 CRASH_ONCE_ENV = "ONNXPRUNE_TEST_CRASH_ONCE"
+
+
+def ray_runner(cluster: ClusterOptions) -> CellRunner:
+    """`run_sweep`'s cells as tasks on the Ray `cluster`; refuses here, before any work, if Ray is missing."""
+    require_ray()
+    return lambda *cells: run_cells_on_ray(*cells, cluster)
 
 
 def run_cells_on_ray(model_path: Path, config: SweepConfig, todo: list[tuple[str, str]], tokenizer,

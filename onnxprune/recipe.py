@@ -25,11 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from onnxprune import __version__
 from onnxprune.errors import UserError
 
 STAGE_KINDS = ("prune", "quantize")
@@ -203,7 +201,7 @@ def _validate(config, where: str) -> None:
     """The checks `apply` / `quantize` make, before any stage runs."""
     try:
         if isinstance(config, PruneStage):
-            _prune_options(config, None)
+            prune_options(config, None)
         else:
             from onnxprune.quantization import QuantizeOptions, check_options
 
@@ -212,7 +210,7 @@ def _validate(config, where: str) -> None:
         raise UserError(f"{where}: {exc}") from None
 
 
-def _prune_options(config: PruneStage, calibration):
+def prune_options(config: PruneStage, calibration):
     from onnxprune.emit import check_target, default_pattern
     from onnxprune.passes import get_pass
     from onnxprune.patterns import parse_pattern
@@ -241,61 +239,13 @@ def _prune_options(config: PruneStage, calibration):
                         kinds=tuple(config.kinds) if config.kinds else None)
 
 
-# ------------------------------------------------------------------------------------ running
-
-
-def run_recipe(recipe, model, *, calib=None, tokenizer=None):
-    """Run `recipe`'s stages in order on `model` (anything `onnxprune.prune` takes); a `PruneResult`
-    whose report is a `RecipeReport`. `calib` replaces the recipe's calibration source."""
-    from onnxprune.api import PruneResult, _calibration_source, _load
-    from onnxprune.pipeline import CalibrationSource, StageTimer, prune_model
-    from onnxprune.quantization import QuantizeOptions, quantize_model
-    from onnxprune.samples import CalibrationOptions, calibration_metadata
-
-    recipe = load_recipe(recipe)
-    config = recipe.calibration
-    source_name = str(calib) if isinstance(calib, (str, os.PathLike)) else config.source
-    calibration = CalibrationOptions(source_name, config.nsamples, config.seqlen,
-                                     str(tokenizer) if tokenizer else config.tokenizer, config.seed)
-    current, source = _load(model)
-    report = RecipeReport(__version__, str(source) if source else "<in memory>", "", recipe.to_dict(), recipe.sha256)
-    started = time.perf_counter()
-    in_memory = None if isinstance(calib, (str, os.PathLike)) else calib
-    first = _calibration_source(current, source, calibration, in_memory, None, StageTimer())
-    needs_data = [s for s in recipe.stages if _needs_data(s)]
-    samples = first.samples() if needs_data else None  # drawn once, shared by every stage
-    report.calibration = first.record() if needs_data else {}
-    for stage in recipe.stages:
-        stage_start = time.perf_counter()
-        if stage.kind == "prune":
-            options = _prune_options(stage.config, calibration if _needs_data(stage) else None)  # data only where used
-            timer = StageTimer()
-            stage_source = CalibrationSource(source, current, calibration, timer, samples,
-                                             record=report.calibration or None)
-            result = prune_model(current, options, stage_source, timer)
-            summary = PruneResult(current, result, source).summary()
-            entry = {"name": stage.name, "kind": "prune", "summary": summary, "report": result.to_dict()}
-        else:
-            current, result = quantize_model(current, QuantizeOptions(**asdict(stage.config)), samples)
-            summary = (f"{result['mode']}: {result['quantized_layers']} quantized weights, "
-                       f"{result['zeros_before']:,} pruned zeros kept")
-            entry = {"name": stage.name, "kind": "quantize", "summary": summary, "report": result}
-        report.stages.append(entry)
-        report.timings_s[stage.name] = round(time.perf_counter() - stage_start, 6)
-    report.timings_s["total"] = round(time.perf_counter() - started, 6)
-    current.metadata_props.update({"onnxprune.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-                                   "onnxprune.recipe_sha256": recipe.sha256,
-                                   **{f"onnxprune.{k}": v for k, v in calibration_metadata(report.calibration).items()}})
-    return PruneResult(current, report, source)
-
-
-def _needs_data(stage: Stage) -> bool:
+def needs_data(stage: Stage) -> bool:
     if stage.kind == "quantize":
         return stage.config.mode == "int8-static"
     from onnxprune.passes import get_pass
     from onnxprune.structured import METHOD_NEEDS, structured_method
 
-    options = _prune_options(stage.config, None)
+    options = prune_options(stage.config, None)
     if options.pattern.structured:
         return bool(METHOD_NEEDS[structured_method(options.method)])
     return bool(get_pass(options.method).needs) or options.allocation == "owl"

@@ -28,8 +28,10 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.channels import (ChannelGraph, ChannelGroup, SplitSizes, WeightSlice, const_tensor, removed_at,
                                 static_shapes)
-from onnxprune.errors import UserError
 from onnxprune.defaults import STEM, TINY_K
+from onnxprune.errors import UserError
+from onnxprune.report import markdown_table
+from onnxprune.samples import calibration_metadata
 from onnxprune.spilled import replacement
 from onnxprune.targets import FLOAT_TYPES, Target, discover_targets
 from onnxprune.targets import add_bias as give_bias
@@ -113,8 +115,6 @@ class StructuredReport:
 
     def provenance(self) -> dict:
         """Extra metadata_props entries for the output model (beyond method, pattern, sparsity)."""
-        from onnxprune.samples import calibration_metadata
-
         return {"groups": len(self.pruned), **calibration_metadata(self.calibration)}
 
     def summary(self) -> str:
@@ -124,8 +124,6 @@ class StructuredReport:
                 f"parameters {self.params_before:,} -> {self.params_after:,}")
 
     def markdown(self) -> str:
-        from onnxprune.report import markdown_table
-
         lines = [f"# onnxprune report: structured {self.method}, sparsity {self.sparsity:g}", "",
                  f"- input: `{self.input}`", f"- output: `{self.output}`", f"- {self.summary()}",
                  "- wall time (s): " + ", ".join(f"{k} {v:.3f}" for k, v in self.timings_s.items()), "",

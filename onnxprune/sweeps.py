@@ -28,7 +28,6 @@ import numpy as np
 
 from onnxprune.atomic import atomic_path, write_text_atomic
 from onnxprune.data import TOKENIZER_FILES, evaluation_ids, load_tokenizer
-from onnxprune.distributed import ClusterOptions, require_ray
 from onnxprune.errors import UserError, first_line
 from onnxprune.extras import is_available
 from onnxprune.evaluation import open_session, perplexity_of_ids
@@ -47,6 +46,8 @@ DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 CONFIG = "sweep_config"  # key of results.jsonl's first line: the configuration its cells belong to
 SHARED_FILES = ("calibration.npz", "statistics.npz")  # computed once per configuration, reused by every cell
+# Runs the given cells elsewhere: (model_path, config, todo, tokenizer, eval_ids, results_path) -> None.
+CellRunner = Callable[[Path, "SweepConfig", list[tuple[str, str]], object, np.ndarray, Path], None]
 
 
 @dataclass
@@ -84,12 +85,10 @@ def validate(config: SweepConfig) -> None:
         raise UserError("--methods is empty")
 
 
-def run_sweep(model_path: str | Path, config: SweepConfig, cluster: ClusterOptions | None = None) -> list[dict]:
-    """Run the cells not yet in results.jsonl, here one after the other, or as tasks on a Ray
-    `cluster`; either way this process alone appends their records."""
+def run_sweep(model_path: str | Path, config: SweepConfig, run_cells: CellRunner | None = None) -> list[dict]:
+    """Run the cells not yet in results.jsonl, here one after the other, or by `run_cells` (a Ray
+    cluster's: `ray_sweep.ray_runner`); either way this process alone appends their records."""
     validate(config)
-    if cluster is not None:
-        require_ray()  # before any work
     model_path = resolve_model_path(model_path)
     out = config.out_dir
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -99,10 +98,8 @@ def run_sweep(model_path: str | Path, config: SweepConfig, cluster: ClusterOptio
     if todo:
         tokenizer = load_tokenizer(model_path, config.tokenizer)
         eval_ids = evaluation_ids(tokenizer, config.eval_source, config.seqlen)
-        if cluster is not None:
-            from onnxprune.ray_sweep import run_cells_on_ray
-
-            run_cells_on_ray(model_path, config, todo, tokenizer, eval_ids, results_path, cluster)
+        if run_cells is not None:
+            run_cells(model_path, config, todo, tokenizer, eval_ids, results_path)
         else:
             shared = shared_calibration(model_path, config, todo, results_path)
             for method, label in progress_bar(todo, "sweep cells"):
