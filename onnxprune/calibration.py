@@ -189,6 +189,12 @@ def _session(model: ir.Model, segment: Segment, outputs: list[str], example: Sam
         session = ort.InferenceSession(proto.SerializeToString(), options,
                                        providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:
+        if "NOT_IMPLEMENTED" in str(exc) and any(t.stored_dtype == ir.DataType.BFLOAT16 for t in segment.targets):
+            # onnxruntime's CPU provider has no bfloat16 MatMul/Gemm/Add kernels (1.32).
+            raise UserError(f"onnxruntime ({', '.join(providers or ['CPUExecutionProvider'])}) has no bfloat16 kernel "
+                            f"for this model ({first_line(exc)}); calibrated methods must run it: prune it with a "
+                            "data-free method (-m magnitude), or on --device cuda with onnxruntime-gpu, or convert "
+                            "it to float16 first") from None
         raise UserError(f"onnxruntime cannot run the calibration segment ending at "
                         f"{segment.targets[-1].node_name}: {first_line(exc)}") from None
     session.weights = values  # the arrays onnxruntime was given stay alive as long as the session
