@@ -180,6 +180,7 @@ def _trace(value: ir.Value, shape: tuple[int, ...], dtype, chain: tuple[Step, ..
     """Follow a stored tensor through pass-through ops to the ops that multiply it."""
     uses: list[_Use] = []
     others: list[str] = ["a graph output"] if value.is_graph_output() else []
+    followed: set[ir.Node] = set()
     for use in value.uses():
         node, index = use.node, use.idx
         rule = rule_for(node, index)
@@ -190,7 +191,10 @@ def _trace(value: ir.Value, shape: tuple[int, ...], dtype, chain: tuple[Step, ..
         if step is None:
             others.append(f"{op_name(node)} {node.name}".strip())
             continue
-        found, more = _trace(node.outputs[0], step.shape, step.dtype, chain + (step,))
+        if step.node in followed:  # a Concat of Slices reads the tensor once per Slice
+            continue
+        followed.add(step.node)
+        found, more = _trace(step.node.outputs[0], step.shape, step.dtype, chain + (step,))
         uses += found
         others += more
     return uses, others

@@ -58,11 +58,13 @@ class Step:
 
 
 def step_for(node: ir.Node, index: int, shape: tuple[int, ...], dtype: np.dtype) -> Step | None:
-    """The step `node` makes of the weight it reads at input `index`, or None."""
+    """The step `node` makes of the weight it reads at input `index`, or None. The step may end at
+    a later node (`Step.node`: the Concat after a Slice), whose output the weight then continues from."""
     build = PASS_THROUGH.get(op_name(node))
     if build is None or node.outputs[0].is_graph_output() or len(node.outputs) != 1:
         return None
-    return build(node, index, tuple(int(d) for d in shape), np.dtype(dtype))
+    step = build(node, index, tuple(int(d) for d in shape), np.dtype(dtype))
+    return None if step is None or step.node.outputs[0].is_graph_output() else step
 
 
 def to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -232,6 +234,69 @@ def _scaled(node, index, shape, dtype):
     return Step("Sub", node, key, shape, out, lambda x: other - x, lambda y: to_dtype(other - y, dtype))
 
 
+def _slice_range(node: ir.Node, shape: tuple[int, ...], axis: int) -> tuple[int, int] | None:
+    """[start, end) that a Slice with constant bounds and unit steps keeps along `axis`, or None
+    (computed bounds, a stride, or an axis other than `axis` cut)."""
+    if len(node.inputs) > 1:  # opset >= 10: starts, ends, axes, steps as inputs
+        bounds = [constant_array(v) if v is not None else None for v in list(node.inputs[1:5])]
+        bounds += [None] * (4 - len(bounds))
+        if bounds[0] is None or bounds[1] is None or any(
+                v is not None and b is None for v, b in zip(node.inputs[3:5], bounds[2:])):
+            return None
+        starts, ends, axes, steps = bounds
+    else:
+        starts, ends, axes = (node.attributes.get_ints(name) for name in ("starts", "ends", "axes"))
+        if starts is None or ends is None:
+            return None
+        steps = None
+    starts, ends = np.ravel(starts).tolist(), np.ravel(ends).tolist()
+    axes = list(range(len(starts))) if axes is None else [int(a) % len(shape) for a in np.ravel(axes)]
+    if steps is not None and any(int(s) != 1 for s in np.ravel(steps)):
+        return None
+    kept = {a: (min(max(b + shape[a] if b < 0 else b, 0), shape[a]),
+                min(max(e + shape[a] if e < 0 else e, 0), shape[a])) for a, b, e in zip(axes, starts, ends)}
+    if any(a != axis and kept[a] != (0, shape[a]) for a in kept):
+        return None
+    return kept.get(axis, (0, shape[axis]))
+
+
+def _concat_of_slices(node, index, shape, dtype):
+    """A Slice whose only reader is a Concat of Slices of the same tensor along the concat axis
+    that together hold every element exactly once: a block permutation (torch's LSTM gates
+    i,f,g,o reordered to ONNX's i,o,f,c). One step from the tensor to the Concat's output; written
+    back by scattering each block to where it was sliced from."""
+    uses = node.outputs[0].uses()
+    if index != 0 or len(uses) != 1 or uses[0].node.op_type != "Concat" or uses[0].node.domain not in DEFAULT_DOMAINS:
+        return None
+    concat = uses[0].node
+    axis = concat.attributes.get_int("axis", 0) % len(shape)
+    ranges = []
+    for part in concat.inputs:
+        piece = part.producer() if part is not None else None
+        if piece is None or piece.op_type != "Slice" or piece.inputs[0] is not node.inputs[0] \
+                or len(part.uses()) != 1 or part.is_graph_output():
+            return None
+        kept = _slice_range(piece, shape, axis)
+        if kept is None:
+            return None
+        ranges.append(kept)
+    ordered = sorted(ranges)
+    if [r[0] for r in ordered] != [0] + [r[1] for r in ordered[:-1]] or ordered[-1][1] != shape[axis]:
+        return None  # overlapping, or leaving part of the tensor out
+    cuts = [(slice(None),) * axis + (slice(begin, end),) for begin, end in ranges]
+
+    def inverse(y: np.ndarray) -> np.ndarray:
+        stored = np.empty_like(y)
+        offset = 0
+        for cut, (begin, end) in zip(cuts, ranges):
+            stored[cut] = y[(slice(None),) * axis + (slice(offset, offset + end - begin),)]
+            offset += end - begin
+        return stored
+
+    return Step("Slice+Concat", concat, ("Slice+Concat", axis, tuple(ranges)), shape, dtype,
+                lambda x: np.concatenate([x[cut] for cut in cuts], axis=axis), inverse)
+
+
 PASS_THROUGH: dict[str, Callable[[ir.Node, int, tuple[int, ...], np.dtype], Step | None]] = {
     "Identity": _identity,
     "Cast": _cast,
@@ -244,6 +309,7 @@ PASS_THROUGH: dict[str, Callable[[ir.Node, int, tuple[int, ...], np.dtype], Step
     "QuantizeLinear": _quantize,
     "Mul": _scaled,
     "Sub": _scaled,
+    "Slice": _concat_of_slices,
 }
 
 
