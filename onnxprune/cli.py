@@ -310,8 +310,8 @@ def sweep(
 ) -> None:
     """Methods × levels (and N:M patterns): perplexity table, timing, samples and a plot; resumable."""
     from onnxprune.distributed import ClusterOptions
-    from onnxprune.ray_sweep import ray_runner
     from onnxprune.extras import is_available, missing_extra_message
+    from onnxprune.ray_sweep import ray_runner
     from onnxprune.sweeps import SweepConfig, run_sweep
 
     if not is_available("matplotlib"):

@@ -209,7 +209,7 @@ def _weight_use(node: ir.Node, rule: WeightRule, shape, dtype: np.dtype, chain: 
     layout = rule.layout(node, shape)
     if isinstance(layout, str):
         return _Use(node, rule, chain, None, layout)
-    if not ir.DataType.from_numpy(np.dtype(dtype)).is_floating_point():  # ml_dtypes' bfloat16 is not np.floating
+    if ir.DataType.from_numpy(np.dtype(dtype)) not in FLOAT_TYPES:  # by ONNX type: ml_dtypes' bfloat16 is not np.floating
         return _Use(node, rule, chain, None, f"{np.dtype(dtype).name} operand of {op_name(node)}")
     return _Use(node, rule, chain, layout)
 

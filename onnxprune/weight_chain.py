@@ -253,11 +253,15 @@ def _slice_range(node: ir.Node, shape: tuple[int, ...], axis: int) -> tuple[int,
     axes = list(range(len(starts))) if axes is None else [int(a) % len(shape) for a in np.ravel(axes)]
     if steps is not None and any(int(s) != 1 for s in np.ravel(steps)):
         return None
-    kept = {a: (min(max(b + shape[a] if b < 0 else b, 0), shape[a]),
-                min(max(e + shape[a] if e < 0 else e, 0), shape[a])) for a, b, e in zip(axes, starts, ends)}
+    kept = {a: (_clamped(b, shape[a]), _clamped(e, shape[a])) for a, b, e in zip(axes, starts, ends)}
     if any(a != axis and kept[a] != (0, shape[a]) for a in kept):
         return None
     return kept.get(axis, (0, shape[axis]))
+
+
+def _clamped(bound: int, size: int) -> int:
+    """A Slice bound as ONNX reads it: negative counts from the end, then clamped to [0, size]."""
+    return min(max(bound + size if bound < 0 else bound, 0), size)
 
 
 def _concat_of_slices(node, index, shape, dtype):
