@@ -39,7 +39,7 @@ class Segment:
     nodes: list[ir.Node]
     targets: list[Target]
     inputs: list[str] = field(default_factory=list)  # fed: graph inputs or cached boundary tensors
-    activations: dict[tuple[str, str], Consumer] = field(default_factory=dict)  # statistics per Consumer.stat_key
+    activations: dict[tuple[str, ...], Consumer] = field(default_factory=dict)  # statistics per Consumer.stat_key
     boundary: list[str] = field(default_factory=list)  # produced here, read by later segments
 
 
@@ -77,9 +77,9 @@ def plan_segments(graph: ir.Graph, groups: list[list[Target]]) -> list[Segment]:
         for target in segment.targets:
             for consumer in target.consumers:
                 segment.activations.setdefault(consumer.stat_key, consumer)
-                if consumer.branch is None and consumer.activation not in produced \
-                        and consumer.activation not in segment.inputs:
-                    segment.inputs.append(consumer.activation)
+                for name in consumer.activations if consumer.branch is None else ():
+                    if name not in produced and name not in segment.inputs:
+                        segment.inputs.append(name)
     for index, segment in enumerate(segments):
         later = {name for s in segments[index + 1:] for name in s.inputs}
         segment.boundary = [v.name for n in segment.nodes for v in n.outputs if v.name in later]
@@ -143,7 +143,8 @@ class _Feeds:
 def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers) -> dict[str, dict]:
     """Statistics per target; a target whose input cannot be turned into rows gets
     {"refused": reason} instead, and is left dense by the pipeline."""
-    wanted = list(dict.fromkeys(c.fetched for c in segment.activations.values() if c.fetched not in segment.inputs))
+    wanted = list(dict.fromkeys(name for c in segment.activations.values() for name in c.fetched
+                                if name not in segment.inputs))
     session = _session(model, segment, wanted, next(iter(feeds)), providers) if wanted else None
     accumulators = {key: Accumulator(needs) for key in segment.activations}
     refused: dict[tuple, str] = {}
@@ -152,11 +153,11 @@ def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers
         for key, consumer in segment.activations.items():
             if key in refused:
                 continue
-            x = produced[consumer.fetched] if consumer.fetched in produced else sample[consumer.fetched]
-            if consumer.branch is not None and x.size == 0:
+            arrays = [produced[name] if name in produced else sample[name] for name in consumer.fetched]
+            if consumer.branch is not None and arrays[0].size == 0:
                 continue  # this sample took the If's other branch
             try:
-                accumulators[key].add(activation_rows(x, consumer))
+                accumulators[key].add(activation_rows(arrays, consumer))
             except Uncalibrated as reason:
                 refused[key] = f"not calibrated: {reason}"
     stats, shared = {}, {}
@@ -170,9 +171,13 @@ def _segment_statistics(model, segment: Segment, feeds: _Feeds, needs, providers
             pooled = accumulators[keys[0]]
             for key in keys[1:]:
                 pooled = pooled.merged(accumulators[key])
-            shared[keys] = pooled.as_dict()
+            shared[keys] = pooled.as_dict() if pooled.tokens else {"refused": _NO_ROWS}
         stats[target.name] = shared[keys]
     return stats
+
+
+_NO_ROWS = ("not calibrated: no activation rows reached this weight (it is in an If branch no sample took, or a "
+            "recurrent R that only ever started from a zero state: give samples that carry the previous call's state)")
 
 
 def _session(model: ir.Model, segment: Segment, outputs: list[str], example: Sample, providers):
@@ -256,34 +261,38 @@ def _segment_model(model: ir.Model, segment: Segment, outputs: list[str],
     return proto, weights
 
 
-def _branch_exposures(segment: Segment, outputs: list[str]) -> dict[ir.Node, list[tuple[Consumer, int]]]:
-    """Per If node: the consumers inside its branches whose X is asked for, with X's element type."""
-    exposed: dict[ir.Node, list[tuple[Consumer, int]]] = {}
+def _branch_exposures(segment: Segment, outputs: list[str]) -> dict[ir.Node, list[tuple[str, str, str, int]]]:
+    """Per If node: the tensors inside its branches that are asked for, as (name in the branch,
+    name fetched, branch attribute, element type)."""
+    exposed: dict[ir.Node, list[tuple[str, str, str, int]]] = {}
     for target in segment.targets:
         for consumer in target.consumers:
-            if consumer.branch is None or consumer.fetched not in outputs:
+            if consumer.branch is None:
                 continue
             entries = exposed.setdefault(consumer.branch[0], [])
-            if all(c.fetched != consumer.fetched for c, _ in entries):
-                x = next((v for v in consumer.node.inputs if v is not None and v.name == consumer.activation), None)
+            for inner, fetched in zip(consumer.activations, consumer.fetched):
+                if fetched not in outputs or any(entry[1] == fetched for entry in entries):
+                    continue
+                x = next((v for v in (*consumer.node.inputs, *consumer.node.outputs)
+                          if v is not None and v.name == inner), None)
                 if x is not None and x.dtype is not None:  # integer too (a MatMulInteger's uint8 X)
                     dtype = x.dtype
                 else:  # untyped: X has the float weight's type
                     weight = target.value.const_value.dtype
                     dtype = weight if weight.is_floating_point() else ir.DataType.FLOAT
-                entries.append((consumer, dtype.value))
+                entries.append((inner, fetched, consumer.branch[1], dtype.value))
     return exposed
 
 
-def _exposing(node: onnx.NodeProto, consumers: list[tuple[Consumer, int]]) -> onnx.NodeProto:
-    """The If node with one more output per consumer: X in the consumer's branch, an empty tensor
-    of X's type in the other (If's branches must have the same outputs)."""
-    for consumer, elem_type in consumers:
-        node.output.append(consumer.fetched)
+def _exposing(node: onnx.NodeProto, entries: list[tuple[str, str, str, int]]) -> onnx.NodeProto:
+    """The If node with one more output per tensor asked for: the tensor in its branch, an empty
+    tensor of its type in the other (If's branches must have the same outputs)."""
+    for inner_name, fetched, branch, elem_type in entries:
+        node.output.append(fetched)
         for attribute in node.attribute:
-            inner = f"{consumer.fetched}/{attribute.name}"
-            if attribute.name == consumer.branch[1]:
-                attribute.g.node.append(helper.make_node("Identity", [consumer.activation], [inner]))
+            inner = f"{fetched}/{attribute.name}"
+            if attribute.name == branch:
+                attribute.g.node.append(helper.make_node("Identity", [inner_name], [inner]))
             else:
                 empty = onnx.TensorProto(name=inner, data_type=elem_type, dims=[0])
                 attribute.g.node.append(helper.make_node("Constant", [], [inner], value=empty))

@@ -84,11 +84,12 @@ def _upstream_targets(graph: ir.Graph, targets: list[Target]) -> dict[int, froze
             reach[node] = frozenset({id(owner[node])})
         else:
             reach[node] = frozenset().union(*(before(v) for v in node.inputs))
-    return {id(t): frozenset().union(*(before(_activation(c)) for c in t.consumers)) for t in targets}
+    return {id(t): frozenset().union(*(before(v) for c in t.consumers for v in _activation_inputs(c))) for t in targets}
 
 
-def _activation(consumer) -> ir.Value | None:
-    return next((v for v in consumer.node.inputs if v is not None and v.name == consumer.activation), None)
+def _activation_inputs(consumer) -> list[ir.Value]:
+    """The node's inputs its activation is computed from (a recurrent R's initial state; not its own outputs)."""
+    return [v for v in consumer.node.inputs if v is not None and v.name in consumer.activations]
 
 
 def _fixed_transforms(targets: list[Target], upstream: dict[int, set[int]]) -> dict[int, str]:

@@ -355,9 +355,6 @@ def prune_targets(targets: list[Target], method: PruningPass, pattern: Pattern, 
     records = []
     for index, target in enumerate(progress_bar(targets, f"{method.name} {pattern.label}"), start=first_index):
         own_stats = stats.get(target.name) if stats else None
-        if own_stats is not None and not own_stats.get("tokens", 1) and "refused" not in own_stats:
-            own_stats = {"refused": "not calibrated: no activation rows reached this weight (it is in an If "
-                                    "branch no sample took, or a recurrent R of one-step sequences)"}
         if own_stats is not None and "refused" in own_stats:
             if skipped is None:
                 raise UserError(f"{target.node_name}: {own_stats['refused']}")

@@ -101,9 +101,57 @@ def statistics_width(stats: dict, key: str) -> int:
     return int(np.shape(stats[key])[-1])
 
 
-def activation_rows(x: np.ndarray, consumer: Consumer) -> np.ndarray:
-    """The activation as the rows [groups, tokens, K] that multiply the canonical weight's rows."""
-    return consumer.rows(np.asarray(x))
+def activation_rows(arrays: list[np.ndarray], consumer: Consumer) -> np.ndarray:
+    """The activation (from the arrays of the consumer's `activations`) as the rows [groups,
+    tokens, K] that multiply the canonical weight's rows."""
+    return consumer.rows(*(np.asarray(x) for x in arrays))
+
+
+def sequence_rows(x: np.ndarray, lengths: np.ndarray | None, batch_first: bool) -> np.ndarray:
+    """A recurrent layer's input X [T, B, I] ([B, T, I] batch-first) as rows [1, tokens, I]: the
+    steps each sequence runs."""
+    if batch_first:
+        x = x.swapaxes(0, 1)
+    return x[_running(lengths, *x.shape[:2])][None]
+
+
+def previous_states(y: np.ndarray, initial: np.ndarray | None, lengths: np.ndarray | None,
+                    reversed_: tuple[bool, ...], batch_first: bool) -> np.ndarray:
+    """The hidden state each step of a recurrent layer starts from, as rows [directions, tokens, H]:
+    Y [T, D, B, H] ([B, T, D, H] batch-first) one step behind in the direction of travel, and
+    initial_h [D, B, H] ([B, D, H]; zero when absent) at each sequence's first step (the last, in
+    reverse). Steps past a sequence's length do not run and are left out. So are steps whose state
+    is zero in every direction: they add nothing to Σx² or XᵀX, and counted, a layer that only ever
+    started from a zero state (one-step calls that do not carry the state) would get all-zero
+    statistics, which stop the whole model, instead of none, which leave this weight dense with the
+    reason."""
+    if y.ndim != 4 or y.shape[1 if not batch_first else 2] != len(reversed_):
+        raise Uncalibrated(f"hidden states of shape {list(y.shape)} for {len(reversed_)} direction(s)")
+    if batch_first:
+        y = y.transpose(1, 2, 0, 3)
+        initial = None if initial is None else initial.transpose(1, 0, 2)
+    steps, _, batch, _ = y.shape
+    initial = np.zeros(y.shape[1:], y.dtype) if initial is None else initial
+    running = _running(lengths, steps, batch)
+    lengths = running.sum(0)
+    per_direction = []
+    for direction, backwards in enumerate(reversed_):
+        if backwards:  # step t starts from step t+1's output; a sequence's last step from initial_h
+            previous = np.concatenate([y[1:, direction], np.zeros_like(y[:1, direction])])
+            started = np.flatnonzero(lengths)
+            previous[lengths[started] - 1, started] = initial[direction, started]
+        else:
+            previous = np.concatenate([initial[direction][None], y[:-1, direction]])
+        per_direction.append(previous[running])
+    states = np.stack(per_direction)
+    return states[:, np.any(states != 0, axis=(0, 2))]
+
+
+def _running(lengths: np.ndarray | None, steps: int, batch: int) -> np.ndarray:
+    """[T, B]: whether step t of sequence b runs (every step, without sequence_lens)."""
+    if lengths is None:
+        return np.ones((steps, batch), dtype=bool)
+    return np.arange(steps)[:, None] < np.asarray(lengths).reshape(1, batch)
 
 
 def conv_rows(x: np.ndarray, node: ir.Node) -> np.ndarray:

@@ -228,9 +228,10 @@ def _make_target(value: ir.Value, shape, uses: list[_Use], others: list[str],
         calibration_reason = calibration_reason or outside
         if isinstance(activation, str):
             calibration_reason = calibration_reason or activation
-            consumers.append(Consumer(use.node, ""))
+            consumers.append(Consumer(use.node))
         else:
-            consumers.append(Consumer(use.node, activation.value.name, activation.form, activation.rows, branch))
+            consumers.append(Consumer(use.node, tuple(v.name for v in activation.values), activation.form,
+                                      activation.rows, branch))
     target = Target(value=value, op=first.rule.op, layout=first.layout, consumers=consumers, rule=first.rule,
                     chain=first.chain, calibration_reason=calibration_reason)
     signature = lambda use: (use.rule, use.layout, tuple(step.key for step in use.chain))  # noqa: E731

@@ -17,32 +17,34 @@ import onnx_ir as ir
 
 from onnxprune.layout import Layout
 from onnxprune.quantized import nbits_blocks
-from onnxprune.statistics import conv_rows, conv_transpose_rows
+from onnxprune.statistics import conv_rows, conv_transpose_rows, previous_states, sequence_rows
 from onnxprune.weight_chain import Step, constant_array, op_name, to_dtype
 
-Rows = Callable[[np.ndarray], np.ndarray]
+Rows = Callable[..., np.ndarray]  # one array per `Activation.values` entry → rows [groups, tokens, K]
 
 
 @dataclass(frozen=True)
 class Activation:
-    value: ir.Value  # X: an input of the node (or, for recurrent R, its hidden-state output)
-    form: str  # how X becomes rows; consumers reading X in the same form share statistics
-    rows: Rows  # X → rows [groups, tokens, K], columns in canonical K order
+    # The graph values X is computed from: one input of the node, or (recurrent layers) the node's
+    # hidden states Y with its initial state and sequence lengths where those are computed.
+    values: tuple[ir.Value, ...]
+    form: str  # how they become rows; consumers reading the same values in the same form share statistics
+    rows: Rows  # their arrays → rows [groups, tokens, K], columns in canonical K order
 
 
 @dataclass
 class Consumer:
     node: ir.Node
-    activation: str  # the tensor X multiplied by the weight ("" when it cannot be captured)
+    activations: tuple[str, ...] = ()  # the tensors X is computed from (none when it cannot be captured)
     form: str = "rows"
     rows: Rows | None = None
     # Inside a branch of a main-graph If: (that If, the branch attribute). Calibration reads X
-    # through an extra output of the If, empty on the samples that take the other branch.
+    # through extra outputs of the If, empty on the samples that take the other branch.
     branch: tuple[ir.Node, str] | None = None
 
     @property
     def stat_key(self) -> tuple[str, ...]:
-        return self.fetched, self.form
+        return *self.fetched, self.form
 
     @property
     def main_node(self) -> ir.Node:
@@ -50,9 +52,11 @@ class Consumer:
         return self.node if self.branch is None else self.branch[0]
 
     @property
-    def fetched(self) -> str:
-        """The main-graph name calibration reads X under."""
-        return self.activation if self.branch is None else f"{self.activation}@{self.branch[0].name}/{self.branch[1]}"
+    def fetched(self) -> tuple[str, ...]:
+        """The main-graph names calibration reads `activations` under."""
+        if self.branch is None:
+            return self.activations
+        return tuple(f"{name}@{self.branch[0].name}/{self.branch[1]}" for name in self.activations)
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,8 @@ def _input_rows(index: int, transpose_last: bool = False):
     """X = input `index`, one row per position of its leading axes (swapped last two if asked)."""
     def activation(node: ir.Node, layout: Layout) -> Activation:
         if transpose_last:
-            return Activation(node.inputs[index], "swap_last", lambda x: _flat_rows(np.swapaxes(x, -1, -2)))
-        return Activation(node.inputs[index], "rows", _flat_rows)
+            return Activation((node.inputs[index],), "swap_last", lambda x: _flat_rows(np.swapaxes(x, -1, -2)))
+        return Activation((node.inputs[index],), "rows", _flat_rows)
     return activation
 
 
@@ -135,7 +139,7 @@ def _patches(im2col: Callable[[np.ndarray, ir.Node], np.ndarray]):
     convolutions with the same kernel and attributes."""
     def activation(node: ir.Node, layout: Layout) -> Activation:
         attributes = ";".join(f"{name}={a.value}" for name, a in sorted(node.attributes.items()))
-        return Activation(node.inputs[0], f"{node.op_type}:{layout.shape[2:]}:{attributes}",
+        return Activation((node.inputs[0],), f"{node.op_type}:{layout.shape[2:]}:{attributes}",
                           lambda x: im2col(x, node))
     return activation
 
@@ -201,7 +205,7 @@ def _einsum_activation(weight_index: int):
             kept = [i for i in range(x.ndim) if i not in reduced]
             return x.transpose(kept + reduced).reshape(1, -1, layout.in_features)
 
-        return Activation(node.inputs[1 - weight_index], f"einsum:{other}:{k}", rows)
+        return Activation((node.inputs[1 - weight_index],), f"einsum:{other}:{k}", rows)
     return activation
 
 
@@ -212,26 +216,60 @@ def _recurrent_layout(node: ir.Node, shape) -> Layout | str:
     return Layout("recurrent", shape) if len(shape) == 3 else f"{len(shape)}-D recurrent weight"
 
 
+_REVERSED = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}  # per direction
+
+
+def _operands(node: ir.Node, indices: tuple[int, ...]):
+    """The node's optional inputs at `indices` as calibration gets them: (the computed ones, to be
+    fetched; a function of their arrays giving every operand, constants read here, absent ones None)."""
+    plan = []
+    for index in indices:
+        value = node.inputs[index] if len(node.inputs) > index else None
+        fixed = constant_array(value)
+        plan.append((value if value is not None and fixed is None else None, fixed))
+    fetched = tuple(value for value, _ in plan if value is not None)
+
+    def arrays(computed: tuple[np.ndarray, ...]) -> list[np.ndarray | None]:
+        given = iter(computed)
+        return [next(given) if value is not None else fixed for value, fixed in plan]
+
+    return fetched, arrays
+
+
 def _sequence_rows(node: ir.Node, layout: Layout) -> Activation:
-    """W multiplies every step of the input sequence (both directions read the same X)."""
-    return Activation(node.inputs[0], "rows", _flat_rows)
+    """W multiplies every step of the input sequence that runs (both directions read the same X)."""
+    fetched, operands = _operands(node, (4,))  # sequence_lens
+    if not fetched and operands(())[0] is None:  # every step runs: X's rows, as any other reader's
+        return _input_rows(0)(node, layout)
+    batch_first = node.attributes.get_int("layout", 0) == 1
+
+    def rows(x: np.ndarray, *computed: np.ndarray) -> np.ndarray:
+        return sequence_rows(x, *operands(computed), batch_first)
+
+    return Activation((node.inputs[0], *fetched), f"sequence:{int(batch_first)}", rows)
 
 
 def _hidden_rows(node: ir.Node, layout: Layout) -> Activation | str:
-    """R multiplies the previous hidden state: the node's own output Y without its last step
-    (the initial state, zero unless given, is left out)."""
-    if node.attributes.get_string("direction", "forward") == "bidirectional":
-        return "recurrent weight R of a bidirectional layer: its hidden states differ per direction"
-    hidden = node.outputs[0]
+    """R multiplies each step's previous hidden state: initial_h (zero when absent) at a sequence's
+    first step, else the node's own output Y one step before (after, in the reverse direction).
+    A bidirectional layer's directions are two groups (R[d] sees direction d's states)."""
+    if op_name(node) == "GRU" and not node.attributes.get_int("linear_before_reset", 0):
+        return ("recurrent weight R of a GRU with linear_before_reset=0: its candidate gate multiplies "
+                "r ⊙ h, which the graph does not output")
+    hidden = node.outputs[0] if node.outputs else None
     if hidden is None or not hidden.name:
         return "recurrent weight R: the layer does not output its hidden states Y"
-    batch_first = node.attributes.get_int("layout", 0) == 1  # Y [B, T, D, H] instead of [T, D, B, H]
+    reversed_ = _REVERSED.get(node.attributes.get_string("direction", "forward"))
+    if reversed_ is None:
+        return f"recurrent layer with direction {node.attributes.get_string('direction')!r}"
+    batch_first = node.attributes.get_int("layout", 0) == 1
+    fetched, operands = _operands(node, (5, 4))  # initial_h, sequence_lens
 
-    def rows(y: np.ndarray) -> np.ndarray:
-        previous = y[:, :-1] if batch_first else y[:-1]
-        return previous.reshape(1, -1, y.shape[-1])
+    def rows(y: np.ndarray, *computed: np.ndarray) -> np.ndarray:
+        initial, lengths = operands(computed)
+        return previous_states(y, initial, lengths, reversed_, batch_first)
 
-    return Activation(hidden, f"previous_hidden:{int(batch_first)}", rows)
+    return Activation((hidden, *fetched), f"previous_hidden:{int(batch_first)}:{reversed_}", rows)
 
 
 # ------------------------------------------------------------------ onnxruntime contrib ops
@@ -277,7 +315,7 @@ def _integer_rows(zero_point_input: int, rows_of: Callable[[ir.Node, Layout], Ac
         if zero_point is None or zero_point.size != 1:
             return "the activation's zero point is computed or not per tensor"
         offset = float(zero_point.reshape(()))
-        return Activation(inner.value, f"{inner.form}-{offset}", lambda x: inner.rows(x.astype(np.float32) - offset))
+        return Activation(inner.values, f"{inner.form}-{offset}", lambda x: inner.rows(x.astype(np.float32) - offset))
     return activation
 
 

@@ -81,7 +81,7 @@ def test_rows_times_canonical_weight_is_the_onnxruntime_output(name):
     x = np.random.default_rng(0).standard_normal((2, spec.c_in, *spec.spatial)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
     (target,) = discover_targets(ir.serde.deserialize_model(model))
-    rows = activation_rows(x, target.consumers[0])
+    rows = activation_rows([x], target.consumers[0])
     canonical, bias = target.read(), target.read_bias()
     groups, tokens, k = rows.shape
     assert (groups, k) == (spec.group, target.layout.in_features)

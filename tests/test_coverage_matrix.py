@@ -153,19 +153,6 @@ def test_if_branch_statistics_come_from_the_branch_each_sample_takes(tmp_path):
     assert stats["W_inner"]["tokens"] == len(t0)
 
 
-def test_recurrent_statistics_come_from_the_sequence_and_the_hidden_states(tmp_path):
-    model, _ = forms.lstm()
-    ir_model = load_model(save(model, tmp_path / "lstm.onnx"))
-    targets = {t.name: t for t in discover_targets(ir_model)}
-    x = np.random.default_rng(0).standard_normal((5, 2, forms.K)).astype(np.float32)
-    stats = calibrate(ir_model, [list(targets.values())], [{"X": x}], frozenset({"sq_sum", "gram"}))
-    np.testing.assert_allclose(stats["Wr"]["sq_sum"], (x.reshape(-1, forms.K) ** 2).sum(0), rtol=1e-5)
-    (y,) = ort.InferenceSession(str(tmp_path / "lstm.onnx")).run(None, {"X": x})
-    previous = y[:-1].reshape(-1, forms.HIDDEN)
-    np.testing.assert_allclose(stats["Rr"]["sq_sum"], (previous ** 2).sum(0), rtol=1e-4)
-    assert stats["Rr"]["tokens"] == previous.shape[0]
-
-
 def test_matmul_nbits_pruned_in_its_blocks(tmp_path):
     """A pruned 4-bit weight is its block's zero point; scales and zero points stay as they were,
     and magnitude (which changes no kept weight) keeps every other code."""

@@ -202,13 +202,14 @@ def matmul_nbits_act_order():
 HIDDEN = 16  # R's K: at least TINY_K, so the default selection picks it
 
 
-def recurrent(op: str, gates: int):
+def recurrent(op: str, gates: int, **attributes):
     """LSTM (4 gates) / GRU (3): W [1, G·H, 16] from the sequence, R [1, G·H, H] from the hidden states."""
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["time", BATCH, K])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["time", 1, BATCH, HIDDEN])
     inits = {"Wr": weight((1, gates * HIDDEN, K), 1) * 0.3, "Rr": weight((1, gates * HIDDEN, HIDDEN), 2) * 0.3,
              "Br": weight((1, 2 * gates * HIDDEN), 3) * 0.1}
-    nodes = [helper.make_node(op, ["X", "Wr", "Rr", "Br"], ["Y"], name=f"/layers.0/rnn/{op}", hidden_size=HIDDEN)]
+    nodes = [helper.make_node(op, ["X", "Wr", "Rr", "Br"], ["Y"], name=f"/layers.0/rnn/{op}", hidden_size=HIDDEN,
+                              **attributes)]
     return _model(nodes, inits, inputs=[x], outputs=[y]), ["Wr", "Rr"]
 
 
@@ -217,7 +218,7 @@ def lstm():
 
 
 def gru():
-    return recurrent("GRU", 3)
+    return recurrent("GRU", 3, linear_before_reset=1)  # torch's export: R multiplies the hidden state
 
 
 def fused_attention():
