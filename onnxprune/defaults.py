@@ -7,7 +7,9 @@ Everything else (CNNs, detectors, audio models): every learned convolution / lin
   - the prediction layers: those whose output reaches a graph output without another weight,
   - fixed signal-processing transforms: an STFT / DFT basis or a mel filterbank stored as a weight,
     on the input side of the model (they are maths, not learned),
-  - tiny layers (fewer than TINY_K weights per output), such as 3×3 depthwise convolutions (K = 9).
+  - tiny layers (fewer than TINY_K weights per output), such as 3×3 depthwise convolutions (K = 9),
+  - whatever the weight's rule leaves out (`WeightRule.default_reason`: a recurrent layer's R, whose
+    error feeds back through the hidden state), in every kind of model.
 A depthwise conv with a larger kernel (5×5: K = 25 per channel) is a learned layer like any other:
 calibrated methods prune it per channel (statistics per group); at N:M it is left dense and listed,
 as every layer whose input channels per group (here 1) cannot hold the pattern.
@@ -40,6 +42,8 @@ def mark_defaults(graph: ir.Graph, targets: list[Target], named_blocks: bool) ->
         k = target.layout.in_features
         if id(target) in transforms:
             target.default_reason = transforms[id(target)]
+        elif target.rule.default_reason is not None:
+            target.default_reason = target.rule.default_reason
         elif k < TINY_K:
             target.default_reason = f"tiny layer (K={k} < {TINY_K} weights per output: few parameters, each one matters)"
         elif named_blocks:

@@ -351,3 +351,37 @@ def test_tiny_hf_vision_models_are_pruned_by_every_calibrated_method(hf_vision, 
     dense, small = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, images)
                     for p in (source, out))
     assert [o.shape for o in small] == [o.shape for o in dense] and all(np.isfinite(o).all() for o in small)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_r", [False, True], ids=["default", "with R"])
+def test_silero_pruned_on_running_state_samples_keeps_its_stream(tmp_path, with_r):
+    """silero VAD calibrated on consecutive chunks that carry the state: the LSTM's W (and, with
+    --include, R) is pruned from real hidden states, and over a stream where each model carries its
+    own state the pruned VAD stays close to the dense one."""
+    source = _package_file(*REAL["vad"])
+    if source is None:
+        pytest.skip("silero-vad is not installed")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import real_models
+    import silero_running_state
+
+    calib = real_models.save_samples(tmp_path / "calib", real_models.model_inputs("vad", 256, seed=0))
+    report_path, out = tmp_path / "report.json", tmp_path / "pruned.onnx"
+    prune(source, out, "--method", "mama", "--sparsity", "0.5", "--calib", str(calib),
+          *(["--include", silero_running_state.WITH_R] if with_r else []), report=report_path).ok()
+    report = json.loads(report_path.read_text())
+    zeros = {t["name"]: t["zeros"] / t["params"] for t in report["targets"]}
+    assert not report["skipped"]
+    assert zeros.pop("model.decoder.rnn.weight_ih") == pytest.approx(0.5, abs=0.01)
+    if with_r:
+        assert zeros.pop("model.decoder.rnn.weight_hh") == pytest.approx(0.5, abs=0.01)
+    else:
+        (left,) = [u for u in report["untouched"] if u["name"] == "model.decoder.rnn.weight_hh"]
+        assert "feeds back" in left["reason"]
+    assert len(zeros) == 4  # the encoder convolutions
+    fidelity = silero_running_state.stream_fidelity(source, out, real_models.voice_like_chunks(500, seed=2000))
+    assert fidelity["speech_share"] > 0.3  # the stream has speech to agree on
+    # measured (500 chunks, 16 s): default 0.966 / 0.18, with R 0.906 / 0.50 (R's error feeds back)
+    assert fidelity["decision_agreement"] >= (0.85 if with_r else 0.94)
+    assert fidelity["state_rel_error"] < (0.7 if with_r else 0.3)

@@ -151,7 +151,7 @@ def test_one_step_calls_from_a_zero_state_leave_r_dense_with_the_reason(tmp_path
              C0=rng.standard_normal((4, B, H)).astype(np.float32))
     out = tmp_path / "out.onnx"
     cli("apply", source, "-m", "wanda", "-s", "0.5", "--calib", tmp_path / "calib.npz", "-o", out,
-        "--report", tmp_path / "out.json").ok()
+        "--report", tmp_path / "out.json", "--include", ".").ok()
     report = json.loads((tmp_path / "out.json").read_text())
     assert [t["name"] for t in report["targets"]] == ["W"]
     (skipped,) = report["skipped"]
@@ -170,7 +170,7 @@ def test_bidirectional_r_is_pruned_per_direction(tmp_path, method):
         np.savez(tmp_path / "calib" / f"{index}.npz", **{k: v.astype(np.float32) for k, v in feed.items()})
     out = tmp_path / "out.onnx"
     cli("apply", source, "-m", method, "-s", "0.5", "--calib", tmp_path / "calib", "-o", out,
-        "--report", tmp_path / "out.json").ok()
+        "--report", tmp_path / "out.json", "--include", ".").ok()
     report = json.loads((tmp_path / "out.json").read_text())
     assert {t["name"] for t in report["targets"]} == {"W", "R"} and not report["skipped"]
     r = numpy_helper.to_array(next(i for i in onnx.load(str(out)).graph.initializer if i.name == "R"))
@@ -187,6 +187,16 @@ def _gru(linear_before_reset: int) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, B, I]),
               helper.make_tensor_value_info("H0", TensorProto.FLOAT, [1, B, H])]
     return make_model([node], inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 1, B, H])], inits)
+
+
+def test_r_is_left_out_of_the_default_selection_with_the_reason(tmp_path):
+    model, _ = _lstm_model("forward", 3, "input", None, 0)
+    source = save(model, tmp_path / "lstm.onnx")
+    cli("apply", source, "-m", "magnitude", "-s", "0.5", "-o", tmp_path / "out.onnx", "--report", tmp_path / "out.json").ok()
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [t["name"] for t in report["targets"]] == ["W"]
+    (left,) = [u for u in report["untouched"] if u["name"] == "R"]
+    assert "feeds back through the hidden state" in left["reason"] and "--include" in left["reason"]
 
 
 def test_gru_r_is_calibrated_where_it_multiplies_the_state(tmp_path):

@@ -65,7 +65,8 @@ def _stored(path) -> dict[str, np.ndarray]:
 
 
 def _apply(source, calib, out, method):
-    args = ["apply", source, "-m", method, "-s", "0.5", "-o", out, "--report", out.with_suffix(".json")]
+    args = ["apply", source, "-m", method, "-s", "0.5", "-o", out, "--report", out.with_suffix(".json"),
+            "--include", "."]  # R too (the default selection leaves a recurrent R alone)
     return cli(*args, *(["--calib", calib] if method != "magnitude" else [])).ok()
 
 
