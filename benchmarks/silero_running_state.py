@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Silero VAD pruned on samples with a live recurrent state, and its fidelity over a long stream.
 
-Calibration and held-out samples are consecutive chunks of a synthetic voiced/noise signal fed as
+Calibration and held-out samples are consecutive chunks of a synthetic conversation fed as
 silero's own wrapper feeds them (real_models.silero_stream: 64 samples of context, the `state` the
 dense model returned after the previous chunk), so the LSTM's R multiplies real hidden states.
 Each method prunes at 50% the default selection (which leaves R alone) and that plus R (`--include`);

@@ -350,7 +350,7 @@ def _nbits_step(node: ir.Node, shape, dtype) -> Step | str:
 
 # Measured on silero VAD 16k (benchmarks/silero_running_state.py, 50%, a 64 s stream in which each
 # model carries its own state): pruning R as well as the rest multiplies the state's relative error
-# by 2.8-6x (wanda 0.22 -> 0.92, sparsegpt 0.08 -> 0.48, mama 0.09 -> 0.25) for 65,536 more zeros.
+# by 2.8-6x (wanda 0.22 -> 0.92, sparsegpt 0.08 -> 0.48, mama 0.09 -> 0.25) for 32,768 more zeros.
 _FEEDBACK = ("recurrent weight R: its error feeds back through the hidden state at every step and "
              "every call of a stream (--include it to prune it)")
 
