@@ -35,8 +35,9 @@ of a tensor next to it:
   joins that output to the group; a unit a Concat repeats (SPPF) is removed at every copy;
 - activation x activation MatMul (attention scores, probabilities x V) keeps a head axis that is a
   batch axis of both operands; a contracted channel axis is refused;
-- a MatMul/Gemm/Conv whose weight is a target ends the walk: its output side makes it a producer
-  (output rows), its input side a consumer (input columns). Grouped and depthwise Conv pass the
+- a MatMul/Gemm/Conv/ConvTranspose whose weight is a target ends the walk: its output side makes
+  it a producer (output rows; ConvTranspose's are weight axis 1), its input side a consumer (input
+  columns; ConvTranspose's weight axis 0). Grouped and depthwise Conv and ConvTranspose pass the
   channel through (a unit is a whole number of groups: its input channels, filters and outputs go
   together and `group` shrinks with them), BatchNormalization with per-channel parameters;
 - normalisations and reductions over the channel axis (LayerNormalization, the Pow/ReduceMean RMSNorm
@@ -92,7 +93,10 @@ POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool
 NORMS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
          "SkipSimplifiedLayerNormalization", "GroupNormalization", "LRN", "MeanVarianceNormalization",
          "LpNormalization"}
-LINEARS = {"MatMul", "Gemm", "Conv"}
+# Convolutions: the weight operand's axes holding (output channels, input channels). Conv W is
+# [O, C/g, *kernel], ConvTranspose W [C, O/g, *kernel]; the axis 1 count is per group.
+CONVS = {"Conv": (0, 1), "ConvTranspose": (1, 0)}
+LINEARS = {"MatMul", "Gemm", *CONVS}
 
 
 class Refuse(Exception):
@@ -172,10 +176,8 @@ class WeightSlice(Positions):
     @property
     def operand_axis(self) -> int:
         """The axis of the operand (as the node reads it) that holds these rows or columns."""
-        kind = self.target.layout.kind
-        if self.role == "rows":
-            return 1 if kind == "kn" else 0
-        return 0 if kind == "kn" else 1
+        rows, columns = CONVS.get(self.target.op) or ((1, 0) if self.target.layout.kind == "kn" else (0, 1))
+        return rows if self.role == "rows" else columns
 
     @property
     def stored_axis(self) -> int:
@@ -257,7 +259,7 @@ class ChannelGroup:
 
     @property
     def kind(self) -> str:
-        if any(w.target.op == "Conv" for w in self.producers):
+        if any(w.target.op in CONVS for w in self.producers):
             return "conv"
         if self.attention:
             return "heads"
@@ -596,7 +598,7 @@ class _Walk:
         raise Refuse(f"unsupported op {op} ({node.name}) on the channel path")
 
     def _axis_out(self, node: ir.Node, target: Target) -> Axis:
-        if node.op_type == "Conv":
+        if node.op_type in CONVS:
             return Axis(1 - len(target.layout.shape), target.layout.out_features)
         return Axis(-1, target.layout.out_features)
 
@@ -614,15 +616,15 @@ class _Walk:
                     self.operand(node, 2, Axis(-1, axis.size, axis.unit_of))
                 else:
                     raise Refuse(f"{node.name} has a computed bias")
-            if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            if node.op_type in CONVS and len(node.inputs) > 2 and node.inputs[2] is not None:
                 if not self.is_constant(node.inputs[2]):
                     raise Refuse(f"{node.name} has a computed bias")
                 self.constant(ConstSlice(node, 2, 0, axis.size, axis.unit_of))
             return
         if anchor is not node.inputs[0]:
             raise Refuse(f"{node.name}: the channel reaches its weight operand")
-        if node.op_type == "Conv":
-            expected = Axis(1 - len(target.layout.shape), target.layout.shape[1])
+        if node.op_type in CONVS:
+            expected = Axis(1 - len(target.layout.shape), target.layout.shape[CONVS[node.op_type][1]])
         elif node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             expected = Axis(-2, target.layout.in_features)
         else:
@@ -632,16 +634,19 @@ class _Walk:
         self.weight(WeightSlice(target, "columns", axis.size, axis.unit_of))
 
     def _grouped(self, node: ir.Node, anchor: ir.Value, axis: Axis) -> None:
-        """A grouped (or depthwise) Conv passes the channel through: group j's filters read only
-        group j's input channels, so a unit of whole groups goes at once, its input channels, its
-        filters (weight rows, bias) and its output channels, and `group` shrinks with them."""
+        """A grouped (or depthwise) convolution passes the channel through: group j's filters read
+        only group j's input channels, so a unit of whole groups goes at once, its input channels,
+        its filters and its output channels, and `group` shrinks with them. The weight loses them on
+        axis 0 (Conv: the filters, ConvTranspose: the input channels; axis 1 counts one group's)."""
         groups = node.attributes.get_int("group", 1)
         weight_shape = self.shape(node.inputs[1])
         channel = 1 - len(weight_shape)
+        out_axis, in_axis = CONVS[node.op_type]
+        counts = [weight_shape[0], groups * weight_shape[1]]  # channels behind weight axes 0 and 1
         if anchor is node.inputs[0]:
-            inputs, outputs = axis, Axis(channel, weight_shape[0])
+            inputs, outputs = axis, Axis(channel, counts[out_axis])
         elif anchor is node.outputs[0]:
-            inputs, outputs = Axis(channel, groups * weight_shape[1]), axis
+            inputs, outputs = Axis(channel, counts[in_axis]), axis
         else:
             raise Refuse(f"{node.name}: the channel reaches the weight of a grouped convolution")
         if axis.axis != channel:
@@ -650,7 +655,8 @@ class _Walk:
             raise Refuse(f"{node.name}: grouped convolution of channels joined by Concat or handed out by Split")
         if groups % self.group.units:
             self._coarsen(math.gcd(self.group.units, groups))  # a unit is a whole number of groups
-        self._channel_params(node, (1, 2), outputs, "weights")
+        self._channel_params(node, (1,), outputs if out_axis == 0 else inputs, "weights")
+        self._channel_params(node, (2,), outputs, "bias")
         self._collect(self.group.attributes, AttrEdit(node, "group", groups), lambda a: (id(a.node), a.name))
         self.member(node.inputs[0], inputs)
         self.member(node.outputs[0], outputs)
@@ -1073,6 +1079,6 @@ def _resolved(src: list, position: int, size: int, dst: list):
 
 
 def _grouped(node: ir.Node) -> bool:
-    """A Conv with group > 1 (depthwise included) and a constant weight."""
-    return (node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1
+    """A Conv or ConvTranspose with group > 1 (depthwise included) and a constant weight."""
+    return (node.op_type in CONVS and node.attributes.get_int("group", 1) > 1
             and const_tensor(node.inputs[1]) is not None)

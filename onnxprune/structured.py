@@ -26,8 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune import __version__
-from onnxprune.channels import (ChannelGraph, ChannelGroup, SplitSizes, WeightSlice, const_tensor, removed_at,
-                                static_shapes)
+from onnxprune.channels import (CONVS, ChannelGraph, ChannelGroup, SplitSizes, WeightSlice, const_tensor,
+                                removed_at, static_shapes)
 from onnxprune.defaults import STEM, TINY_K
 from onnxprune.errors import UserError
 from onnxprune.report import markdown_table
@@ -268,9 +268,9 @@ def _record(group: ChannelGroup, removed: np.ndarray | None, bias_moved: bool | 
 
 
 def _column_units(weight: WeightSlice, units: int, canonical_k: int) -> np.ndarray:
-    """Unit of each canonical input column, -1 for other groups' columns (Conv's canonical K is
-    (kh, kw, C): channel = j % C)."""
-    channel = np.arange(canonical_k) % weight.size if weight.target.layout.kind == "conv" else np.arange(canonical_k)
+    """Unit of each canonical input column, -1 for other groups' columns (Conv's and ConvTranspose's
+    canonical K is (kh, kw, C): channel = j % C)."""
+    channel = np.arange(canonical_k) % weight.size if weight.target.layout.is_conv else np.arange(canonical_k)
     return weight.units_at(units)[channel]
 
 
@@ -547,18 +547,29 @@ def _shape_mismatches(model: ir.Model, before: dict, planned: dict, skip: set[st
 
 
 def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """Where a consumer's bias lives: Gemm C / Conv B, or the constant of the Add after a MatMul."""
-    if node.op_type in ("Gemm", "Conv"):
+    """Where a consumer's bias lives: Gemm C / Conv and ConvTranspose B, or the constant of the Add
+    after a MatMul or a bias-less convolution (paddle2onnx writes conv biases so: [1, O, 1, 1])."""
+    convolution = node.op_type in CONVS
+    if node.op_type == "Gemm" or convolution:
         if len(node.inputs) > 2 and const_tensor(node.inputs[2]) is not None:
             return node, 2
-        return None
+        if not convolution or (len(node.inputs) > 2 and node.inputs[2] is not None):
+            return None
     uses = node.outputs[0].uses()
     if len(uses) == 1 and uses[0].node.op_type == "Add":
         add = uses[0].node
         for index, value in enumerate(add.inputs):
-            if value is not node.outputs[0] and const_tensor(value) is not None:
+            constant = const_tensor(value) if value is not node.outputs[0] else None
+            if constant is not None and (not convolution or _per_channel(constant.shape, node)):
                 return add, index
     return None
+
+
+def _per_channel(shape, node: ir.Node) -> bool:
+    """Whether a constant of `shape` added to a convolution's output varies only along its channel axis."""
+    rank = len(const_tensor(node.inputs[1]).shape)
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    return len(padded) == rank and all(d == 1 for axis, d in enumerate(padded) if axis != 1)
 
 
 def _apply_moves(model: ir.Model, moves: dict, kept_rows: dict[int, np.ndarray], add_bias: bool) -> bool:

@@ -100,7 +100,8 @@ class Target:
     @property
     def structured_reason(self) -> str | None:
         """Why structured pruning cannot slice this weight's stored tensor (None: it can)."""
-        if (self.rule.op, self.rule.weight_input) not in (("MatMul", 1), ("Gemm", 1), ("Conv", 1)):
+        if (self.rule.op, self.rule.weight_input) not in (("MatMul", 1), ("Gemm", 1), ("Conv", 1),
+                                                          ("ConvTranspose", 1)):
             return f"{self.rule.op} weight (input {self.rule.weight_input}) is pruned per weight only"
         if any(step.op not in _SLICEABLE_STEPS for step in self.chain):
             return f"weight reaches {self.node_name} through {'+'.join(self.via)}"
