@@ -174,6 +174,14 @@ def learned_conv_params(path: Path) -> int:
                if t.layout.is_conv and not (t.default_reason or "").startswith("fixed transform"))
 
 
+def calibration_args(method: str, calib: Path) -> list[str]:
+    """`--calib DIR` for a calibrated method; none for a data-free one (magnitude, random, ...),
+    which refuses it rather than ignore it."""
+    from onnxprune.passes.registry import available
+
+    return ["--calib", str(calib)] if available()[method].needs else []
+
+
 def onnxprune(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True)
 
@@ -204,8 +212,8 @@ def main() -> None:
         for method in args.methods.split(","):
             for pattern in args.patterns.split(","):
                 pruned, report = folder / f"{method}-{pattern.replace(':', 'of')}.onnx", folder / f"{method}-{pattern.replace(':', 'of')}.json"
-                run = onnxprune("apply", str(source), "-m", method, *PATTERNS[pattern], "--calib", str(calib),
-                                "-o", str(pruned), "--report", str(report))
+                run = onnxprune("apply", str(source), "-m", method, *PATTERNS[pattern],
+                                *calibration_args(method, calib), "-o", str(pruned), "--report", str(report))
                 row = {"model": label, "key": key, "method": method, "pattern": pattern, "rc": run.returncode,
                        "conv_params": total}
                 if run.returncode == 0:

@@ -24,8 +24,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from real_models import (SAMPLES, SILERO_CONTEXT, model_inputs, package_file, save_samples,  # noqa: E402
-                         silero_feed, voice_like_chunks)
+from real_models import (SAMPLES, SILERO_CONTEXT, calibration_args, model_inputs, package_file,  # noqa: E402
+                         save_samples, silero_feed, voice_like_chunks)
 
 THRESHOLD = 0.5  # silero's default speech threshold
 WITH_R = r"reparam_conv|decoder\.rnn"  # the default selection (4 encoder convs, LSTM W) and the LSTM's R
@@ -75,7 +75,8 @@ def main() -> None:
         for with_r in (True, False):
             out = root / f"{method}{'' if with_r else '-no-R'}.onnx"
             run = subprocess.run([sys.executable, "-m", "onnxprune", "apply", str(model), "-m", method, "-s", "0.5",
-                                  "--calib", str(calib), "-o", str(out), "--report", str(out.with_suffix(".json")),
+                                  *calibration_args(method, calib), "-o", str(out),
+                                  "--report", str(out.with_suffix(".json")),
                                   *(["--include", WITH_R] if with_r else [])], capture_output=True, text=True)
             if run.returncode:
                 sys.exit(f"{method}: {run.stderr.strip()}")
