@@ -1,4 +1,5 @@
-"""MAMA's two solvers, batched Cholesky (exact) and masked conjugate gradients: time and accuracy.
+"""MAMA's solvers, batched Cholesky (exact) and masked conjugate gradients, preconditioned by the kept
+block of the system's inverse (the default) or on the Jacobi scaling alone: time and accuracy.
 
     python benchmarks/mama_solvers.py [--threads 1] [--rounds 3]
     python benchmarks/mama_solvers.py --model minilm/model.onnx --stats stats.npz [--pattern 2:4]
@@ -7,9 +8,9 @@ Without --model: synthetic layers [4K, K] for K = 16 ... 512 with heavy-tailed c
 activations (the ones of benchmarks/solver_backends.py), where the crossover of the two solvers
 shows (what `Mama.direct_max_kept` is set from). With --model and --stats (from `onnxprune
 calibrate -m mama`): the model's real layers and statistics. Each layer runs Cholesky, CG,
-Cholesky, CG ... (--rounds times each, the fastest kept) at 50% (or --pattern); "excess" is CG's
-output error above the exact solve's, as a share of MAMA's gain over Wanda's mask alone, on the
-calibration statistics: 1e-4 means CG got 99.99% of the improvement.
+Jacobi-only CG, Cholesky, ... (--rounds times each, the fastest kept) at 50% (or --pattern);
+"excess" is a CG's output error above the exact solve's, as a share of MAMA's gain over Wanda's
+mask alone, on the calibration statistics: 1e-4 means CG got 99.99% of the improvement.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def output_error(weight: np.ndarray, pruned: np.ndarray, stats: dict) -> float:
     return float(np.einsum("rk,kl,rl->", diff, cov, diff))
 
 
-def solve(weight: np.ndarray, stats: dict, pattern: Pattern, direct: bool) -> tuple[float, np.ndarray, int]:
+SOLVERS = {"Cholesky": (1 << 30, False), "CG": (0, True), "Jacobi CG": (0, False)}  # direct_max_kept, precondition
+
+
+def solve(weight: np.ndarray, stats: dict, pattern: Pattern, solver: str) -> tuple[float, np.ndarray, int]:
     method = Mama()
-    method.direct_max_kept = 1 << 30 if direct else 0
+    method.direct_max_kept, method.precondition = SOLVERS[solver]
     layer = Layer("bench", weight.copy(), np.zeros(len(weight), np.float32), np.random.default_rng(0), stats)
     start = time.perf_counter()
     pruned = method.prune(layer, pattern).weight
@@ -77,21 +81,24 @@ def main() -> None:
     pattern = parse_pattern(args.pattern, None) if ":" in args.pattern else Pattern(float(args.pattern))
     layers = model_layers(args.model, args.stats) if args.model else synthetic_layers()
     print(f"load average {os.getloadavg()[0]:.1f}, {args.threads} thread(s), pattern {pattern.label}")
-    print("| layer | W [out, K] | Cholesky s | CG s | Cholesky / CG | CG iterations | CG excess |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | W [out, K] | Cholesky s | CG s | CG iterations | CG excess | Jacobi CG s | Jacobi CG iterations "
+          "| Jacobi CG excess |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, weight, stats in layers:
-        seconds, results = {True: [], False: []}, {}
+        seconds, results = {solver: [] for solver in SOLVERS}, {}
         for _ in range(args.rounds):
-            for direct in (True, False):
-                took, *results[direct] = solve(weight, stats, pattern, direct)
-                seconds[direct].append(took)
-        (exact, _), (cg, iterations) = results[True], results[False]
+            for solver in SOLVERS:
+                took, *results[solver] = solve(weight, stats, pattern, solver)
+                seconds[solver].append(took)
+        exact = results["Cholesky"][0]
         wanda = output_error(weight, np.where(exact == 0, 0.0, weight), stats)
         best = output_error(weight, exact, stats)
-        excess = (output_error(weight, cg, stats) - best) / (wanda - best)
-        fast = {direct: min(values) for direct, values in seconds.items()}
-        print(f"| {name} | {weight.shape[0]}x{weight.shape[1]} | {fast[True]:.4f} | {fast[False]:.4f} | "
-              f"{fast[True] / fast[False]:.2f} | {iterations} | {excess:.0e} |", flush=True)
+        cells = [f"{min(seconds['Cholesky']):.4f}"]
+        for solver in ("CG", "Jacobi CG"):
+            pruned, iterations = results[solver]
+            excess = (output_error(weight, pruned, stats) - best) / (wanda - best)
+            cells += [f"{min(seconds[solver]):.4f}", str(iterations), f"{excess:.0e}"]
+        print(f"| {name} | {weight.shape[0]}x{weight.shape[1]} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@ def activations(seed: int, tokens: int = 2048, k: int = 64, dead: tuple[int, ...
     return x.astype(np.float32)
 
 
+def relu_features(seed: int, tokens: int = 4096, k: int = 256, latent: int = 32) -> np.ndarray:
+    """A hidden layer's ReLU outputs (OPT's fc2 inputs): k non-negative, sparse channels driven by
+    `latent` factors, so their Gram's spectrum spreads and CG has to work for its move."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(tokens, latent)) @ rng.normal(size=(latent, k)) + rng.normal(size=k)
+    return np.maximum(hidden, 0.0).astype(np.float32)
+
+
 def dense(seed: int, out: int = 48, k: int = 64) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed + 1000)
     return rng.normal(size=(out, k)).astype(np.float32), rng.normal(size=out).astype(np.float32)
@@ -182,6 +190,40 @@ def test_cg_gets_the_exact_solves_gain_on_a_1024_layer(capsys):
         print(f"\nmama [1024, 1024] 50%: CG {cg.last_solve}, excess {(got - best) / (wanda - best):.1e} of the gain")
     assert 0 < cg.last_solve["iterations"] < Mama.max_iter and exact.last_solve["iterations"] == 0
     assert got - best <= 1e-3 * (wanda - best)
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bfloat16"])
+def test_preconditioned_cg_reaches_the_exact_move_in_fewer_iterations(low_precision, monkeypatch):
+    """CG on (Ĉ⁻¹)_KK-preconditioned systems ends at the exact solve's move, in fewer iterations than
+    with the Jacobi scaling alone, with its preconditioner in float32 or in bfloat16 (as on CPUs with
+    bfloat16 dot products: forced here, so the rounding is exercised on any CPU)."""
+    from onnxprune import array_backend
+
+    monkeypatch.setattr(array_backend, "_cpu_has_bfloat16_dot_products", lambda: low_precision)
+    x, w = relu_features(12), np.random.default_rng(12).normal(size=(256, 256)).astype(np.float32)
+    exact, plain, preconditioned = Mama(backend="torch"), Mama(backend="torch"), Mama(backend="torch")
+    exact.direct_max_kept, plain.precondition = 1024, False
+    results = {m: prune(m, w, None, x, Pattern(0.5), allow_new_bias=True) for m in (exact, plain, preconditioned)}
+    errors = {m: error(w, None, *results[m], x) for m in results}
+    wanda = error(w, None, np.where(results[exact][0] == 0, 0.0, w), 0.0, x)
+    gain = wanda - errors[exact]
+    for method in (plain, preconditioned):
+        excess = (errors[method] - errors[exact]) / gain
+        assert excess <= 2e-4, (method.last_solve, excess)
+    assert 0 < preconditioned.last_solve["iterations"] <= 0.7 * plain.last_solve["iterations"], \
+        (preconditioned.last_solve, plain.last_solve)
+
+
+def test_singular_system_solves_without_the_preconditioner():
+    """Undamped with dead inputs, the system is singular: no inverse, CG on the Jacobi scaling alone,
+    and the move still lands on the optimum for the mask."""
+    x, (w, b) = activations(13, k=128, dead=(3, 40)), dense(13, out=64, k=128)
+    method = Mama(damp=0.0)
+    method.direct_max_kept = 0
+    w_hat, b_hat = prune(method, w, b, x, Pattern(0.5))
+    assert np.isfinite(w_hat).all() and method.last_solve["iterations"] > 0
+    best = optimum_error(w, b, w_hat == 0, x)
+    assert error(w, b, w_hat, b_hat, x) <= best * (1 + 1e-3)
 
 
 def test_stopping_early_still_improves_on_wanda():
